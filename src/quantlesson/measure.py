@@ -1,0 +1,305 @@
+"""Size and speed: bytes on disk and in memory, bits per weight, latency, peak memory, bandwidth.
+
+Three different "sizes" are easy to confuse, so each has its own function:
+
+* :func:`size_on_disk` -- what a saved model folder (or file) occupies;
+* :func:`memory_by_dtype` / :func:`memory_by_kind` -- the bytes of a loaded model's tensors;
+* :class:`PeakMemory` -- the most memory the process (or GPU) used while running some code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from quantlesson.errors import LessonError
+
+KINDS = ("quantized linear", "linear", "embedding & head", "norm", "other")
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise LessonError(f"{path} does not exist: save the model there first (model.save_pretrained(path)).")
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _own_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    """A module that stores integer-typed weights (packed codes) is a quantized layer."""
+    return any(not (t.is_floating_point() or t.is_complex()) for t in _own_tensors(module) if t.numel() > 1)
+
+
+def kind_of(name: str, module: torch.nn.Module) -> str:
+    """Classify a module by what its own tensors are for (one of :data:`KINDS`)."""
+    if _is_quantized(module):
+        return "quantized linear"
+    if isinstance(module, torch.nn.Embedding) or name.endswith("lm_head"):
+        return "embedding & head"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if "norm" in type(module).__name__.lower():
+        return "norm"
+    return "other"
+
+
+def _unique(pairs):
+    seen = set()
+    for key, tensor in pairs:
+        if tensor.device.type == "meta":
+            ident = id(tensor)
+        else:
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        yield key, tensor
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def memory_by_dtype(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the model's parameters and buffers, by dtype (shared tensors counted once)."""
+    totals: dict[str, int] = {}
+    pairs = ((str(t.dtype).removeprefix("torch."), t) for m in model.modules() for t in _own_tensors(m))
+    for dtype, tensor in _unique(pairs):
+        totals[dtype] = totals.get(dtype, 0) + _tensor_bytes(tensor)
+    return totals
+
+
+def memory_by_kind(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the model's tensors by kind of module (see :data:`KINDS`), shared tensors counted once."""
+    totals = dict.fromkeys(KINDS, 0)
+    pairs = ((kind_of(n, m), t) for n, m in model.named_modules() for t in _own_tensors(m))
+    for kind, tensor in _unique(pairs):
+        totals[kind] += _tensor_bytes(tensor)
+    return totals
+
+
+def _logical_weights(module: torch.nn.Module) -> int:
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features) * int(module.out_features)
+    raise LessonError(f"Cannot tell how many weights {type(module).__name__} stands for (no in_/out_features).")
+
+
+def bits_per_weight(model: torch.nn.Module) -> float:
+    """Effective bits per weight of the linear layers: everything they store (codes, scales, zeros) x 8 / weights.
+
+    Uses the quantized linear layers where the model has any, else the plain
+    ``nn.Linear`` layers other than the head (16 for bfloat16, 32 for float32).
+    """
+    quantized = [(n, m) for n, m in model.named_modules() if _is_quantized(m)]
+    layers = quantized or [
+        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    ]
+    if not layers:
+        raise LessonError("The model has no linear layers to measure.")
+    stored = sum(_tensor_bytes(t) for _, m in layers for t in _own_tensors(m) if t.numel() > 1)
+    weights = sum(_logical_weights(m) for _, m in layers)
+    return 8 * stored / weights
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights read to decode one token at batch 1: every tensor except embedding-table lookups.
+
+    A head tied to the embedding reads that matrix once, so it counts once.
+    """
+    pairs = (
+        (None, t)
+        for m in model.modules()
+        if not isinstance(m, torch.nn.Embedding)
+        for t in _own_tensors(m)
+    )
+    return sum(_tensor_bytes(t) for _, t in _unique(pairs))
+
+
+def roofline_tokens_per_s(bytes_per_token: float, bandwidth: float) -> float:
+    """Upper bound on batch-1 decode speed: memory bandwidth (bytes/s) / bytes read per token."""
+    return bandwidth / bytes_per_token
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device to finish queued work (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(function, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    function()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """Prefill and decode timings, medians over repeats, with their spread (max - min)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    prefill_ms: float
+    prefill_spread_ms: float
+    decode_ms_per_token: float
+    decode_spread_ms: float
+    device: str
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1000.0 / self.decode_ms_per_token
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens * 1000.0 / self.prefill_ms
+
+    def __str__(self) -> str:
+        return (
+            f"prefill {self.prompt_tokens} tokens: {self.prefill_ms:.1f} ms (±{self.prefill_spread_ms / 2:.1f}); "
+            f"decode: {self.decode_ms_per_token:.2f} ms/token = {self.decode_tokens_per_s:.1f} tokens/s "
+            f"(±{self.decode_spread_ms / 2:.2f} ms) on {self.device}, median of {self.repeats}"
+        )
+
+
+def _generate(model, input_ids: torch.Tensor, new_tokens: int) -> int:
+    """Greedy decoding of exactly ``new_tokens`` tokens (no early stop); return how many were made."""
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return output.shape[1] - input_ids.shape[1]
+
+
+def latency(model, input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> Latency:
+    """Time prefill and decoding separately, at batch 1, greedy, exactly ``new_tokens`` new tokens.
+
+    Prefill is one forward pass over the prompt. Decode time per token is
+    ``(t(new_tokens) - t(1)) / (new_tokens - 1)``: generating one token costs a
+    prefill, each further token one decode step. The device is synchronised
+    around every timed call; ``warmup`` untimed runs come first.
+    """
+    if new_tokens < 2:
+        raise LessonError("new_tokens must be at least 2 to time decoding apart from prefill.")
+    if repeats < 1:
+        raise LessonError("repeats must be at least 1.")
+    device = next(model.parameters()).device
+    input_ids = (input_ids[None] if input_ids.ndim == 1 else input_ids)[:1].to(device)
+
+    def prefill():
+        with torch.inference_mode():
+            model(input_ids=input_ids)
+
+    def check(made: int) -> None:
+        if made != expected[0]:
+            raise RuntimeError(f"generate made {made} tokens, not {expected[0]}")
+
+    expected = [0]
+    for _ in range(warmup):
+        prefill()
+        _generate(model, input_ids, new_tokens)
+    prefills, one, full = [], [], []
+    for _ in range(repeats):
+        prefills.append(_timed(prefill, device))
+        expected[0] = 1
+        one.append(_timed(lambda: check(_generate(model, input_ids, 1)), device))
+        expected[0] = new_tokens
+        full.append(_timed(lambda: check(_generate(model, input_ids, new_tokens)), device))
+    per_token = [(f - o) / (new_tokens - 1) for f, o in zip(full, one)]
+    return Latency(
+        prompt_tokens=input_ids.shape[1],
+        new_tokens=new_tokens,
+        repeats=repeats,
+        prefill_ms=1000 * statistics.median(prefills),
+        prefill_spread_ms=1000 * (max(prefills) - min(prefills)),
+        decode_ms_per_token=1000 * statistics.median(per_token),
+        decode_spread_ms=1000 * (max(per_token) - min(per_token)),
+        device=str(device),
+    )
+
+
+class PeakMemory:
+    """Context manager: the peak memory while its block runs.
+
+    On a GPU, ``torch.cuda.max_memory_allocated`` (tensors only); on a CPU, the
+    process's resident set size sampled every 5 ms. ``peak`` and ``increase``
+    are in bytes.
+
+    >>> with PeakMemory() as memory:
+    ...     x = torch.ones(1000, 1000)
+    >>> memory.increase > 0
+    True
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak = 0
+        self.start = 0
+
+    def _rss(self) -> int:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.start
+
+
+def copy_bandwidth(device: str = "cpu", megabytes: int = 256, repeats: int = 5) -> float:
+    """Measured memory bandwidth in bytes/s: a large tensor copy, bytes read + written, best of ``repeats``."""
+    device_ = torch.device(device)
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device_)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up: touch every page
+    best = min(_timed(lambda: target.copy_(source), device_) for _ in range(repeats))
+    return 2 * source.numel() / best

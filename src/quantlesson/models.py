@@ -1,0 +1,168 @@
+"""Load the lesson's model, and build shape twins of real models.
+
+The model is chosen by the ``LESSON_MODEL`` environment variable:
+
+* unset: ``HuggingFaceTB/SmolLM2-135M`` from the Hugging Face Hub (Colab, HPC Jupyter);
+* ``embedded``: the small Llama this package builds itself (:mod:`quantlesson.embedded`);
+* any other hub id (``facebook/opt-125m``) or a local folder.
+
+Every path goes through the real ``from_pretrained`` loading code, and every
+load prints one line saying what was loaded and from where. There is no silent
+fallback: a hub id that cannot be reached is an error that names
+``LESSON_MODEL=embedded``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from quantlesson import embedded
+from quantlesson.errors import LessonError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
+EMBEDDED = "embedded"
+TWINS = {
+    "SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
+    "Llama-3.2-1B": "meta-llama/Llama-3.2-1B",
+    "Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+}
+
+
+def chosen_model() -> str:
+    """The model the lesson uses: ``$LESSON_MODEL``, else SmolLM2-135M."""
+    return os.environ.get("LESSON_MODEL", "").strip() or DEFAULT_MODEL
+
+
+def default_device() -> str:
+    """``"cuda"`` where an NVIDIA (or ROCm) GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bfloat16 on a GPU; float32 on a CPU (exact enough to measure small quantization effects)."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def locate(model_id: str) -> tuple[str, str]:
+    """Resolve a model name to what ``from_pretrained`` takes, and say where it comes from.
+
+    Returns ``(path_or_hub_id, description)``.
+    """
+    if model_id == EMBEDDED:
+        path = embedded.ensure_built()
+        return str(path), f"embedded model built by quantlesson at {path}"
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise LessonError(f"{path} exists but holds no config.json: it is not a saved model folder.")
+        return str(path), f"local folder {path}"
+    looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+    if looks_like_path:
+        raise LessonError(
+            f"The model folder {model_id!r} does not exist. Check the path, or set LESSON_MODEL=embedded "
+            "to use the lesson's embedded model."
+        )
+    return model_id, f"Hugging Face Hub ({model_id})"
+
+
+def load(model_id: str | None = None, dtype: torch.dtype | None = None, device: str | None = None, **kwargs):
+    """Load a causal language model and its tokenizer; print one line saying what was loaded.
+
+    ``model_id`` defaults to :func:`chosen_model`. Extra keyword arguments go to
+    ``AutoModelForCausalLM.from_pretrained`` (``quantization_config=...``, ``gguf_file=...``).
+    Returns ``(model, tokenizer)``, the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_id = model_id or chosen_model()
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LessonError(no_gpu_message("Loading a model on 'cuda'"))
+    dtype = dtype or default_dtype(device)
+    where, description = locate(model_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **_tokenizer_kwargs(kwargs))
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except OSError as error:
+        raise LessonError(
+            f"Could not load {model_id!r} from the Hugging Face Hub ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0]}). Without access to the Hub (or to a cached copy), run with "
+            "LESSON_MODEL=embedded to use the lesson's embedded model."
+        ) from error
+    if "device_map" not in kwargs and "quantization_config" not in kwargs:
+        model = model.to(device)
+    model.eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"Model: {model_id} -- {description}; {parameters / 1e6:.1f} M parameters, {dtype_name(dtype)} on {device}")
+    return model, tokenizer
+
+
+def _tokenizer_kwargs(kwargs: dict) -> dict:
+    return {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def no_gpu_message(what: str) -> str:
+    """The message for work that needs an NVIDIA GPU on a machine without one."""
+    return (
+        f"{what} needs an NVIDIA GPU with CUDA, and none is visible here. On Colab choose "
+        "Runtime > Change runtime type > GPU; on an HPC system run on a GPU partition (see the "
+        "episode 'Running it on HPC'). The lesson's pages show the outputs of a real GPU run."
+    )
+
+
+def require_cuda(what: str) -> None:
+    """Raise a :class:`LessonError` that says what to do if no CUDA GPU is visible."""
+    if not torch.cuda.is_available():
+        raise LessonError(no_gpu_message(what))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape twins: the exact configs of real models, randomly initialised, without any download.
+# ---------------------------------------------------------------------------------------------
+
+
+def twin_config(name: str):
+    """The config of a real model, from the JSON shipped with this package."""
+    from transformers import AutoConfig
+
+    if name not in TWINS:
+        raise LessonError(f"No shape twin called {name!r}: choose one of {sorted(TWINS)}.")
+    text = resources.files("quantlesson.twins").joinpath(f"{name}.json").read_text()
+    values = json.loads(text)
+    values.pop("_source", None)
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def twin(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "meta", seed: int = 0):
+    """A randomly initialised model with the exact shapes of a real one.
+
+    On ``device="meta"`` no memory is allocated: use it to count parameters and
+    bytes. On ``"cuda"`` the weights are created directly on the GPU (for speed
+    measurements on real shapes). Random weights give meaningless text, but
+    exactly the real model's memory traffic.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = twin_config(name)
+    if device.startswith("cuda"):
+        require_cuda(f"A shape twin on {device!r}")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def parameter_count(model) -> int:
+    """Number of parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,124 @@
+"""The lesson's results table: every episode records its rows; the comparison episode reads them all.
+
+A table is a CSV file. :func:`record` adds or replaces one row, keyed by
+(episode, model, method, bits, group size, hardware), so running a notebook
+twice does not duplicate its rows. Files are written to a temporary name and
+renamed, so an interrupted run never leaves half a table.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from quantlesson.errors import LessonError
+
+COLUMNS = [
+    "episode", "model", "method", "bits", "group_size", "size_mb", "bits_per_weight",
+    "perplexity", "kld", "top1", "prefill_tok_s", "decode_tok_s", "quant_seconds",
+    "calibration", "hardware",
+]  # fmt: skip
+KEY = ["episode", "model", "method", "bits", "group_size", "hardware"]
+
+
+def results_folder(model: str | None = None) -> Path:
+    """Where this machine keeps result tables: ``$LESSON_RESULTS``, else ``~/.cache/quantlesson/results/<model>``."""
+    from quantlesson.embedded import cache_root
+    from quantlesson.models import chosen_model
+
+    configured = os.environ.get("LESSON_RESULTS")
+    root = Path(configured).expanduser() if configured else cache_root() / "results"
+    return root / (model or chosen_model()).replace("/", "--")
+
+
+def hardware() -> str:
+    """A short name for the machine the numbers come from: the GPU's name, or the CPU and its thread count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name()}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {name}, {torch.get_num_threads()} threads"
+
+
+def read(path: str | Path) -> pd.DataFrame:
+    """One table (an empty one with the lesson's columns if the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def record(path: str | Path, **row) -> pd.DataFrame:
+    """Add (or replace) one row of the table at ``path``; return the whole table.
+
+    Fields are the :data:`COLUMNS`; ``episode``, ``model`` and ``method`` are required,
+    ``hardware`` defaults to :func:`hardware`.
+    """
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise LessonError(f"Unknown result fields {sorted(unknown)}: the table has {COLUMNS}.")
+    missing = {"episode", "model", "method"} - set(row)
+    if missing:
+        raise LessonError(f"A result row needs {sorted(missing)}.")
+    row.setdefault("hardware", hardware())
+    path = Path(path)
+    table = read(path)
+    new = pd.DataFrame([{column: row.get(column) for column in COLUMNS}])
+    if len(table):
+        same = (table[KEY].astype(str) == new[KEY].astype(str).iloc[0]).all(axis=1)
+        table = table[~same]
+    table = pd.concat([table.astype(object), new.astype(object)], ignore_index=True)[COLUMNS]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(handle)
+    try:
+        table.to_csv(scratch, index=False)
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+    return table
+
+
+def combine(paths) -> pd.DataFrame:
+    """All rows of several tables (files that do not exist are skipped)."""
+    tables = [read(p) for p in paths if Path(p).exists()]
+    if not tables:
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.concat([t.astype(object) for t in tables], ignore_index=True)[COLUMNS]
+
+
+def plot(table: pd.DataFrame, x: str = "bits_per_weight", y: str = "kld", label: str = "method", ax=None, logy: bool = True):
+    """Scatter ``y`` against ``x``, one labelled point per row, one colour per method; return the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    rows = table.dropna(subset=[x, y])
+    rows = rows[rows[y].astype(float) > 0] if logy else rows
+    for method, group in rows.groupby(label, sort=False):
+        ax.plot(group[x].astype(float), group[y].astype(float), "o", label=str(method), alpha=0.85)
+        for _, r in group.iterrows():
+            tag = f"{int(r['bits'])}b" if pd.notna(r.get("bits")) and str(r.get("bits")) != "" else ""
+            if pd.notna(r.get("group_size")) and str(r.get("group_size")) not in ("", "nan"):
+                tag += f" g{r['group_size']}"
+            ax.annotate(tag, (float(r[x]), float(r[y])), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(y.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
