@@ -48,8 +48,8 @@ class Recipe:
     max_position_embeddings: int = 2048
     rope_theta: float = 100_000.0
     steps: int = 300
-    batch_size: int = 8
-    seq_len: int = 512
+    batch_size: int = 16
+    seq_len: int = 256
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -144,7 +144,7 @@ def _learning_rate(step: int, recipe: Recipe) -> float:
 
 def train(model, ids: torch.Tensor, recipe: Recipe, progress: bool = True) -> list[float]:
     """Train ``model`` on random windows of ``ids``; return the loss of every step."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

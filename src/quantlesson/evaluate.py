@@ -36,26 +36,25 @@ def windows(n_tokens: int, window: int = WINDOW, stride: int = STRIDE) -> Iterat
 
     The model reads ``ids[begin:end]`` and is scored on the targets
     ``ids[first_target:end]``; together the windows score every token from 1 to
-    ``n_tokens - 1`` exactly once.
+    ``n_tokens - 1`` exactly once. A window starts at most one token before the
+    first target it scores, so ``stride == window`` still scores every token.
     """
     if window < 2 or not 1 <= stride <= window:
         raise LessonError(f"Need window >= 2 and 1 <= stride <= window (got window={window}, stride={stride}).")
     if n_tokens < 2:
         raise LessonError(f"Need at least 2 tokens to score a next-token prediction (got {n_tokens}).")
-    scored_until = 1
-    for begin in range(0, n_tokens - 1, stride):
+    scored_until, begin = 1, 0
+    while scored_until < n_tokens:
         end = min(begin + window, n_tokens)
-        if end <= scored_until:
-            continue
-        yield begin, end, max(scored_until, begin + 1)
-        scored_until = end
-        if end == n_tokens:
-            break
+        if end > scored_until:
+            yield begin, end, max(scored_until, begin + 1)
+            scored_until = end
+        begin = min(begin + stride, scored_until - 1)  # the next target needs one token of context
 
 
 def _log_probs(model, ids: torch.Tensor, window: int, stride: int, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(log_probs [n, vocab] float32, targets [n])`` window by window."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if ids.ndim != 1:
         raise LessonError(f"Expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}.")

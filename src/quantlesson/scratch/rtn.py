@@ -172,6 +172,20 @@ class QuantLinear(torch.nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.bits} bits, {grouping}, {kind}"
 
 
+def fitting_group_size(model: torch.nn.Module, preferred: int = 128, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """``preferred`` if it divides every linear layer's input width, else the largest power of two below it that does.
+
+    SmolLM2-135M's hidden size is 576 = 4.5 x 128, so groups of 128 do not fit it; 64 does.
+    """
+    widths = {layer.in_features for layer in linear_layers(model, skip).values()}
+    size = preferred
+    while size > 1 and any(width % size for width in widths):
+        size //= 2
+    if size != preferred:
+        print(f"Groups of {preferred} do not divide every layer's input width {sorted(widths)}: using groups of {size}.")
+    return size
+
+
 def linear_layers(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, torch.nn.Linear]:
     """The model's ``nn.Linear`` layers by name, without those whose name ends with one in ``skip``."""
     return {

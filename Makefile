@@ -1,0 +1,56 @@
+# The lesson's two commands: `make html` (build the site) and `make test` (run the tests).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SPHINXOPTS ?= -W --keep-going
+# The site is built on the embedded model unless you choose another (e.g. LESSON_MODEL=facebook/opt-125m).
+export LESSON_MODEL ?= embedded
+export PYTHONUNBUFFERED := 1
+export TOKENIZERS_PARALLELISM := false
+export GPTQMODEL_CPU_WORKERS ?= 2
+timed = start=$$(date +%s); $(2); echo "[time] $(1): $$(( $$(date +%s) - start )) s"
+
+.PHONY: help html test lab env model versions bench check clean distclean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+env: $(VENV)/.installed  ## Create the virtual environment with the pinned packages
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	@$(call timed,environment,\
+	  test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/python -m pip install -q --upgrade pip; \
+	  $(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt; \
+	  $(BIN)/python -m pip install -q --no-deps -e .)
+	@touch $@
+
+model: env  ## Build the embedded model (once; cached in ~/.cache/quantlesson)
+	@$(call timed,embedded model,$(BIN)/python -m quantlesson.embedded)
+
+versions: env
+	@$(BIN)/python -m quantlesson.versions > _static_/versions.md
+
+html: model versions  ## Build the site, executing every CPU notebook (on the embedded model unless LESSON_MODEL is set)
+	@$(call timed,site build,$(BIN)/sphinx-build $(SPHINXOPTS) -b html . _build/html)
+	@echo "The site is in _build/html/index.html"
+
+test: html  ## Run the tests: helper package, notebooks (from the site build's cache), site checks
+	@$(call timed,tests,$(BIN)/python -m pytest tests)
+
+lab: model  ## Open the notebooks in JupyterLab from the lesson's environment
+	$(BIN)/python -m pip install -q -c constraints.txt jupyterlab==4.6.6
+	$(BIN)/jupyter lab notebooks/
+
+bench: model versions  ## Time a clean site build and a rebuild with nothing changed, and print the figures
+	rm -rf _build .jupyter_cache
+	@$(call timed,clean build,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
+	@$(call timed,rebuild with nothing changed,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
+
+clean:  ## Remove the built site and the notebook execution cache
+	rm -rf _build .jupyter_cache jupyter_execute
+
+distclean: clean  ## Also remove the virtual environment
+	rm -rf $(VENV)

@@ -1,0 +1,75 @@
+"""models: loading (embedded, local folder, hub offline), clear errors, shape twins."""
+
+import pytest
+import torch
+
+from quantlesson import LessonError, models
+
+
+def test_embedded_model_loads_through_from_pretrained_and_says_so(embedded, capsys):
+    model, tokenizer = models.load("embedded", device="cpu")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("Model: embedded") and "float32 on cpu" in line
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert config.tie_word_embeddings and config.num_key_value_heads < config.num_attention_heads
+    assert config.hidden_size % 256 == 0 and config.intermediate_size % 256 == 0
+    assert config.max_position_embeddings >= 2048
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    text = "def add(a, b):\n    return a + b\n"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text  # byte-level BPE round-trips
+
+
+def test_a_local_folder_loads(embedded, tmp_path):
+    model, tokenizer = embedded
+    model.save_pretrained(tmp_path / "copy")
+    tokenizer.save_pretrained(tmp_path / "copy")
+    again, _ = models.load(str(tmp_path / "copy"), device="cpu")
+    assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+
+
+def test_a_missing_folder_says_so(tmp_path):
+    with pytest.raises(LessonError, match="does not exist"):
+        models.load(str(tmp_path / "no-such-model"))
+
+
+def test_a_folder_without_a_config_says_so(tmp_path):
+    with pytest.raises(LessonError, match="no config.json"):
+        models.load(str(tmp_path))
+
+
+def test_a_hub_id_offline_names_the_embedded_switch(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(LessonError, match="LESSON_MODEL=embedded"):
+        models.load("HuggingFaceTB/SmolLM2-135M", device="cpu")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(LessonError, match="needs an NVIDIA GPU"):
+        models.load("embedded", device="cuda")
+
+
+def test_chosen_model_defaults_to_smollm2(monkeypatch):
+    monkeypatch.delenv("LESSON_MODEL", raising=False)
+    assert models.chosen_model() == "HuggingFaceTB/SmolLM2-135M"
+    monkeypatch.setenv("LESSON_MODEL", "embedded")
+    assert models.chosen_model() == "embedded"
+
+
+@pytest.mark.parametrize(
+    "name,parameters",
+    # The parameter counts the model cards state (SmolLM2-135M: 134.5 M, Llama-3.2-1B: 1.24 B, Llama-3.1-8B: 8.03 B).
+    [("SmolLM2-135M", 134_515_008), ("Llama-3.2-1B", 1_235_814_400), ("Llama-3.1-8B", 8_030_261_248)],
+)
+def test_shape_twins_have_the_real_parameter_counts(name, parameters):
+    twin = models.twin(name, device="meta")
+    assert models.parameter_count(twin) == parameters
+    assert all(p.device.type == "meta" for p in twin.parameters())
+
+
+def test_an_unknown_twin_lists_the_known_ones():
+    with pytest.raises(LessonError, match="Llama-3.1-8B"):
+        models.twin("GPT-5")

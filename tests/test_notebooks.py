@@ -1,0 +1,78 @@
+"""The notebooks: executed once, by the site build (``make html``); these tests read that execution
+from the build's jupyter-cache instead of running every notebook a second time."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+GPU_TAG = "skip-execution"  # cells whose committed outputs come from a real GPU run
+
+
+def executed(path: Path) -> nbformat.NotebookNode:
+    """The executed copy of ``path`` from the build's cache; fails if the current code never ran clean."""
+    from jupyter_cache import get_cache
+
+    cache = get_cache(os.environ.get("LESSON_JUPYTER_CACHE", str(ROOT / ".jupyter_cache")))
+    try:
+        record = cache.match_cache_notebook(nbformat.read(path, nbformat.NO_CONVERT))
+    except KeyError:
+        pytest.fail(f"{path.name} has not been executed successfully in its current form: run `make html`.")
+    return cache.get_cache_bundle(record.pk).nb
+
+
+def code_cells(notebook):
+    return [c for c in notebook.cells if c.cell_type == "code"]
+
+
+def text_of(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if "text" in output:
+            parts.append(output["text"])
+        parts.extend(str(v) for k, v in output.get("data", {}).items() if k.startswith("text/"))
+    return "".join(parts)
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.stem)
+def notebook(request):
+    return request.param
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 2
+
+
+def test_notebook_ran_clean_in_the_site_build(notebook):
+    run = executed(notebook)
+    for cell in code_cells(run):
+        assert not [o for o in cell.get("outputs", []) if o.output_type == "error"], cell.source[:200]
+    assert any(cell.get("outputs") for cell in code_cells(run))
+
+
+def test_notebook_says_what_it_ran_on(notebook):
+    source = nbformat.read(notebook, nbformat.NO_CONVERT)
+    if not any("models.load(" in c.source for c in code_cells(source)):
+        pytest.skip("this notebook loads no model")
+    printed = "".join(text_of(c) for c in code_cells(executed(notebook)))
+    assert "Model: " in printed
+
+
+def test_notebook_is_stored_without_stale_outputs(notebook):
+    source = nbformat.read(notebook, nbformat.NO_CONVERT)
+    for cell in code_cells(source):
+        if GPU_TAG in cell.metadata.get("tags", []):
+            continue  # outputs of a real GPU run, committed on purpose
+        assert not cell.outputs and cell.execution_count is None, f"{notebook.name}: stored output in {cell.source[:80]!r}"
+
+
+def test_notebook_has_its_page_and_opens_in_colab(notebook):
+    page = ROOT / "content" / f"{notebook.stem}.md"
+    assert page.exists(), f"no page content/{notebook.stem}.md for {notebook.name}"
+    text = page.read_text()
+    assert f"../notebooks/{notebook.stem}" in text and f"{{colab}}`notebooks/{notebook.name}`" in text
+    first_code = code_cells(nbformat.read(notebook, nbformat.NO_CONVERT))[0].source
+    assert "find_spec(\"quantlesson\")" in first_code and "%pip install" in first_code

@@ -1,0 +1,39 @@
+"""report: one row per key, atomic writes, clear errors."""
+
+import pytest
+
+from quantlesson import LessonError, report
+
+
+def test_record_adds_and_replaces_rows(tmp_path):
+    path = tmp_path / "results.csv"
+    report.record(path, episode="e", model="m", method="RTN", bits=4, group_size=128, kld=0.5, hardware="cpu")
+    report.record(path, episode="e", model="m", method="RTN", bits=3, group_size=128, kld=0.9, hardware="cpu")
+    table = report.record(path, episode="e", model="m", method="RTN", bits=4, group_size=128, kld=0.25, hardware="cpu")
+    assert len(table) == 2
+    again = report.read(path)
+    assert list(again.columns) == report.COLUMNS
+    assert sorted(again["kld"].astype(float)) == [0.25, 0.9]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_unknown_or_missing_fields_are_refused(tmp_path):
+    with pytest.raises(LessonError, match="Unknown result fields"):
+        report.record(tmp_path / "r.csv", episode="e", model="m", method="x", accuracy=1)
+    with pytest.raises(LessonError, match="needs"):
+        report.record(tmp_path / "r.csv", model="m", method="x")
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_combine_and_plot(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    report.record(a, episode="a", model="m", method="RTN", bits=4, bits_per_weight=4.1, kld=0.01)
+    report.record(b, episode="b", model="m", method="GPTQ", bits=4, bits_per_weight=4.1, kld=0.002)
+    table = report.combine([a, b, tmp_path / "missing.csv"])
+    assert list(table["method"]) == ["RTN", "GPTQ"]
+    ax = report.plot(table)
+    assert len(ax.get_lines()) == 2 and ax.get_yscale() == "log"
+
+
+def test_hardware_names_the_machine():
+    assert report.hardware().startswith(("CPU: ", "GPU: "))

@@ -1,0 +1,109 @@
+"""The from-scratch round-to-nearest quantizer, checked against compressed-tensors and by its properties."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantlesson import LessonError
+from quantlesson.scratch import rtn
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, None), (4, 128), (4, 32), (3, 128), (2, 64)])
+def test_codes_and_scales_equal_compressed_tensors(symmetric, bits, group_size):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    torch.manual_seed(bits)
+    w = torch.randn(96, 256) * torch.rand(96, 1)  # rows of different ranges
+    args = QuantizationArgs(
+        num_bits=bits, symmetric=symmetric, strategy="channel" if group_size is None else "group", group_size=group_size
+    )
+    groups = rtn.grouped(w, group_size)
+    lib_scale, lib_zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    lib_codes = quantize(w, lib_scale, lib_zero, args).to(torch.int8)
+    codes, scale, zero = rtn.quantize_weight(w, bits, group_size, symmetric)
+    assert torch.equal(codes, lib_codes)
+    assert torch.equal(scale, lib_scale)
+    assert torch.equal(zero, lib_zero.float())
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), symmetric=st.booleans(), seed=st.integers(0, 10_000))
+def test_error_is_at_most_half_a_step(bits, symmetric, seed):
+    """Without clipping, every weight is within half a quantization step of its restored value."""
+    torch.manual_seed(seed)
+    w = torch.randn(8, 64)
+    q, scale, zero = rtn.quantize_weight(w, bits, None, symmetric)
+    restored = rtn.dequantize(q, scale, zero)
+    assert ((restored - w).abs() <= scale / 2 + 1e-6).all()
+    low, high = rtn.qrange(bits)
+    assert q.min() >= low and q.max() <= high
+
+
+def test_zero_stays_exact():
+    w = torch.tensor([[0.0, 0.3, 1.7, 2.2]])  # all non-negative: asymmetric range still includes 0
+    assert rtn.fake_quantize(w, 4, symmetric=False)[0, 0] == 0
+
+
+def test_more_bits_and_smaller_groups_give_less_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 512)
+    err = lambda **kw: (rtn.fake_quantize(w, **kw) - w).pow(2).mean()
+    assert err(bits=3) > err(bits=4) > err(bits=8)
+    assert err(bits=4, per_tensor=True) > err(bits=4) > err(bits=4, group_size=128) > err(bits=4, group_size=32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(codes=st.lists(st.integers(-8, 7), min_size=2, max_size=64).filter(lambda c: len(c) % 2 == 0))
+def test_pack_int4_round_trips(codes):
+    q = torch.tensor([codes], dtype=torch.int8)
+    packed = rtn.pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == q.numel() // 2
+    assert torch.equal(rtn.unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (4, None, False), (8, 64, True), (3, 128, False)])
+def test_quant_linear_computes_with_the_dequantized_weight(bits, group_size, symmetric):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 48, bias=True)
+    layer = rtn.QuantLinear.from_linear(linear, bits, group_size, symmetric)
+    expected_weight = rtn.fake_quantize(linear.weight.detach(), bits, group_size, symmetric)
+    assert torch.allclose(layer.dequantized_weight(), expected_weight, atol=1e-6)
+    x = torch.randn(5, 256)
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, expected_weight, linear.bias), atol=1e-5)
+
+
+def test_quantize_model_replaces_all_but_the_head(tiny_llama):
+    import copy
+
+    model = rtn.quantize_model(copy.deepcopy(tiny_llama), bits=4, group_size=32)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if "proj" in n}
+    assert kinds == {"QuantLinear"}
+    assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_bad_bits_and_group_sizes_are_refused_before_anything_changes(tiny_llama):
+    import copy
+
+    with pytest.raises(LessonError, match="2 to 8 bits"):
+        rtn.quantize_weight(torch.randn(4, 64), bits=9)
+    with pytest.raises(LessonError, match="does not divide"):
+        rtn.quantize_weight(torch.randn(4, 64), bits=4, group_size=48)
+    model = copy.deepcopy(tiny_llama)
+    with pytest.raises(LessonError, match="does not divide"):
+        rtn.quantize_model(model, bits=4, group_size=96)  # divides nothing here: 64 and 128 columns
+    assert not any(isinstance(m, rtn.QuantLinear) for m in model.modules())
+
+
+def test_fitting_group_size_falls_back_to_a_divisor(capsys):
+    class Two(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(256, 8), torch.nn.Linear(width, 8)
+
+    assert rtn.fitting_group_size(Two(768)) == 128
+    assert rtn.fitting_group_size(Two(576)) == 64  # SmolLM2-135M's hidden size
+    assert "using groups of 64" in capsys.readouterr().out

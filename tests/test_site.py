@@ -1,0 +1,82 @@
+"""The built site (``make html`` runs before these tests): pages, offline math, collapsed solutions,
+and a build that fails when a notebook cell fails."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+
+
+@pytest.fixture(scope="module")
+def site():
+    if not (HTML / "index.html").exists():
+        pytest.fail("The site is not built: run `make html` (or `make test`, which builds it first).")
+    return HTML
+
+
+def pages(site):
+    return sorted(p for p in site.rglob("*.html") if "_static" not in p.parts and p.name not in {"genindex.html", "search.html"})
+
+
+def test_every_episode_and_notebook_has_a_page(site):
+    for source in list((ROOT / "content").glob("*.md")) + list((ROOT / "notebooks").glob("*.ipynb")):
+        built = site / source.relative_to(ROOT).with_suffix(".html")
+        assert built.exists(), f"{source.name} was not built"
+
+
+def test_math_is_served_from_the_site_not_a_cdn(site):
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").exists()
+    page = (site / "content" / "01-why-quantize.html").read_text()
+    assert "_static/mathjax/tex-chtml.js" in page
+    for html in pages(site):
+        assert "cdn.jsdelivr.net" not in html.read_text(), html
+
+
+def test_solutions_are_collapsed_and_exercises_listed(site):
+    page = (site / "content" / "02-absmax-zeropoint.html").read_text()
+    solutions = re.findall(r'<div class="admonition solution[^"]*"', page)
+    assert solutions and all("dropdown" in s for s in solutions)
+    listing = (site / "content" / "exercises.html").read_text()
+    assert listing.count('class="admonition exercise') >= 6
+
+
+def test_notebook_pages_show_outputs_and_plots(site):
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        html = (site / "notebooks" / f"{notebook.stem}.html").read_text()
+        assert "cell_output" in html, f"{notebook.name} has no outputs on its page"
+        for image in re.findall(r'<img[^>]+src="([^"]+)"', html):
+            if not image.startswith(("http", "data:")):
+                assert (site / "notebooks" / image).resolve().exists(), f"{notebook.name}: missing image {image}"
+
+
+def test_every_page_links_only_to_pages_that_exist(site):
+    for html in pages(site):
+        for target in re.findall(r'href="([^"#?]+\.html)', html.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (html.parent / target).resolve().exists(), f"{html.relative_to(site)} links to missing {target}"
+
+
+def test_a_failing_cell_fails_the_build(tmp_path):
+    """The same configuration as the lesson, on a one-notebook project whose only cell raises."""
+    import nbformat
+
+    (tmp_path / "_static_").mkdir()
+    (tmp_path / "conf.py").write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom conf import *\n")
+    (tmp_path / "index.md").write_text("# Test\n\n```{toctree}\nbroken\n```\n")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise ValueError('deliberate')")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "broken.ipynb")
+    env = {**os.environ, "LESSON_JUPYTER_CACHE": str(tmp_path / ".cache")}
+    build = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(tmp_path), str(tmp_path / "_build")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert build.returncode != 0
+    assert "deliberate" in build.stdout + build.stderr
