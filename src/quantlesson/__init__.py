@@ -11,7 +11,14 @@ Modules, each with one job:
 * :mod:`quantlesson.compat` -- each workaround for a library bug, linked to its upstream issue
 """
 
-from quantlesson.errors import LessonError
+import os
+
+# Reproducible CPU arithmetic: MKL and OpenMP must not change their thread counts on their own
+# (they read these only when torch is first imported, so import quantlesson before torch).
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+
+from quantlesson.errors import LessonError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LessonError", "__version__"]

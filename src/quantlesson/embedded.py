@@ -31,7 +31,7 @@ import torch
 from quantlesson import data
 from quantlesson.errors import LessonError
 
-RECIPE_FORMAT = 1  # bump when the build code changes in a way the recipe fields do not show
+RECIPE_FORMAT = 2  # bump when the build code changes in a way the recipe fields do not show
 EOS = "<|endoftext|>"
 
 
@@ -173,6 +173,14 @@ def train(model, ids: torch.Tensor, recipe: Recipe, progress: bool = True) -> li
     return losses
 
 
+def _digest(model) -> str:
+    """SHA-256 of every parameter's bytes, in order: the fingerprint of a set of weights."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build(recipe: Recipe = Recipe(), target: Path | None = None, progress: bool = True) -> Path:
     """Build the tokenizer and model of ``recipe`` into ``target`` (atomically) and return it."""
     from transformers import LlamaForCausalLM
@@ -189,6 +197,7 @@ def build(recipe: Recipe = Recipe(), target: Path | None = None, progress: bool 
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed)
         model = LlamaForCausalLM(llama_config(recipe, eos_id))
+    initial = _digest(model)
     losses = train(model, ids, recipe, progress)
     model.generation_config.pad_token_id = eos_id
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +211,10 @@ def build(recipe: Recipe = Recipe(), target: Path | None = None, progress: bool 
             "python": platform.python_version(),
             "torch": torch.__version__,
             "training_tokens": ids.numel(),
+            "training_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "initial_weights_sha256": initial,
+            "final_weights_sha256": _digest(model),
+            "loss_every_50_steps": [round(loss, 4) for loss in losses[::50]],
             "final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "build_seconds": round(time.perf_counter() - started, 1),
             "corpus_licence": "Python Software Foundation License (the standard library's LICENSE.txt)",

@@ -97,8 +97,11 @@ def load(model_id: str | None = None, dtype: torch.dtype | None = None, device: 
     if "device_map" not in kwargs and "quantization_config" not in kwargs:
         model = model.to(device)
     model.eval()
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"Model: {model_id} -- {description}; {parameters / 1e6:.1f} M parameters, {dtype_name(dtype)} on {device}")
+    if getattr(model.config, "quantization_config", None) is None:
+        size = f"{parameter_count(model) / 1e6:.1f} M parameters"
+    else:
+        size = f"quantized, {sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20:.1f} MiB of tensors"
+    print(f"Model: {model_id} -- {description}; {size}, {dtype_name(dtype)} on {device}")
     return model, tokenizer
 
 
@@ -161,6 +164,28 @@ def twin(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "meta", s
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def work_folder(name: str) -> Path:
+    """An empty folder for the models a notebook saves: ``<cache>/work/<name>`` (emptied if it exists)."""
+    import shutil
+
+    folder = embedded.cache_root() / "work" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks (``model.model.layers`` in Llama, ``model.model.decoder.layers`` in OPT)."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name.endswith("layers"):
+            return module
+    raise LessonError(
+        f"Could not find the decoder layers of {type(model).__name__}: this lesson's from-scratch code "
+        "handles decoder-only models whose blocks sit in a ModuleList named '...layers' (Llama, Mistral, Qwen, OPT)."
+    )
 
 
 def parameter_count(model) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from quantlesson.errors import LessonError
+from quantlesson.models import decoder_layers
 from quantlesson.scratch import rtn
 
 
@@ -96,7 +97,7 @@ def _first_layer_inputs(model, calibration: torch.Tensor) -> list[tuple[tuple, d
         captured.append((args, kwargs))
         raise _Stop
 
-    hook = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    hook = decoder_layers(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for sequence in calibration:  # [tokens]
             try:
@@ -121,12 +122,11 @@ def quantize_model(
     """
     from tqdm import tqdm
 
-    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise LessonError(f"{type(model).__name__} has no model.layers: this GPTQ handles Llama-style decoder models.")
+    layers = decoder_layers(model)
     for linear in rtn.linear_layers(model, skip).values():
         rtn.check(bits, group_size, linear.in_features)
     inputs = _first_layer_inputs(model, calibration)
-    for index, layer in enumerate(tqdm(model.model.layers, desc="GPTQ, layer by layer", disable=not progress)):
+    for layer in tqdm(layers, desc="GPTQ, layer by layer", disable=not progress):
         linears = rtn.linear_layers(layer)
         sums = {name: [torch.zeros(m.in_features, m.in_features), 0] for name, m in linears.items()}
 
