@@ -303,3 +303,162 @@ def copy_bandwidth(device: str = "cpu", megabytes: int = 256, repeats: int = 5) 
     target.copy_(source)  # warm-up: touch every page
     best = min(_timed(lambda: target.copy_(source), device_) for _ in range(repeats))
     return 2 * source.numel() / best
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode speed without per-token overhead: a static KV cache and one captured decode step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpeed:
+    """Decode speed of one path at one batch size, with the memory-bandwidth bound beside it."""
+
+    path: str
+    batch: int
+    new_tokens: int
+    ms_per_step: float  # one decode step makes one token for each of ``batch`` sequences
+    bytes_per_step: int  # bytes of weights read per step
+    bandwidth: float | None = None  # measured device bandwidth, bytes/s
+    same_tokens: int | None = None  # leading greedy tokens identical to plain generate's (of check_tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens per second per sequence (batch 1: the speed a user sees)."""
+        return 1000.0 / self.ms_per_step
+
+    @property
+    def roofline_tokens_per_s(self) -> float | None:
+        """The bound: bandwidth / bytes read per step (``None`` without a measured bandwidth)."""
+        return None if self.bandwidth is None else roofline_tokens_per_s(self.bytes_per_step, self.bandwidth)
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        bound = self.roofline_tokens_per_s
+        return None if bound is None else self.tokens_per_s / bound
+
+    def __str__(self) -> str:
+        bound = "" if self.bandwidth is None else f", {100 * self.roofline_fraction:.1f} % of the {self.roofline_tokens_per_s:.0f} tokens/s bound"
+        return (f"{self.path}, batch {self.batch}: {self.ms_per_step:.2f} ms/step = {self.tokens_per_s:.1f} tokens/s "
+                f"per sequence ({self.bytes_per_step / 1e9:.2f} GB of weights per step{bound})")
+
+
+def generate_speed(model, input_ids: torch.Tensor, new_tokens: int = 128, repeats: int = 3, bandwidth: float | None = None) -> DecodeSpeed:
+    """Decode speed of plain ``model.generate`` (eager, dynamic cache, greedy), prefill subtracted."""
+    device = next(model.parameters()).device
+
+    def run(n):
+        made = _generate(model, input_ids, n)
+        if made != n:
+            raise RuntimeError(f"generate made {made} tokens, not {n}")
+
+    run(new_tokens)  # warm-up
+    per_step = []
+    for _ in range(repeats):
+        one = _timed(lambda: run(1), device)
+        full = _timed(lambda: run(new_tokens), device)
+        per_step.append((full - one) / (new_tokens - 1))
+    return DecodeSpeed("generate (eager)", input_ids.shape[0], new_tokens, 1000 * statistics.median(per_step), decode_bytes(model), bandwidth)
+
+
+class StaticDecoder:
+    """Greedy decoding with a static KV cache: prefill once, then one fixed-shape step per token.
+
+    Fixed shapes make the step capturable in a CUDA graph (``capture()``), which
+    replays all of a step's kernels with one launch, removing Python and launch
+    overhead; ``compile=True`` also fuses the step's kernels with ``torch.compile``.
+    On a CPU the same steps run eagerly (that is how the tests check the logic).
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, max_new_tokens: int, compile: bool = False):
+        from transformers import StaticCache
+
+        self.model, self.device = model, input_ids.device
+        batch, prompt = input_ids.shape
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens + 1)
+        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
+                           cache_position=torch.arange(prompt, device=self.device)).logits
+        self.next_ids = logits[:, -1].argmax(-1, keepdim=True)  # [batch, 1]: the first new token
+        self.position = torch.tensor([prompt], device=self.device)  # [1]: where the next token goes
+        self.graph = None
+        self.steps_left = max_new_tokens - 1
+        self.made = [self.next_ids.clone()]  # tokens made so far (prefill's, then warm-up steps')
+
+    def _step(self) -> None:
+        logits = self.forward(input_ids=self.next_ids, past_key_values=self.cache, use_cache=True,
+                              cache_position=self.position).logits  # [batch, 1, vocab]
+        self.next_ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.position.add_(1)
+
+    def capture(self, warmup: int = 3) -> None:
+        """Warm up on a side stream, then record one step as a CUDA graph (uses ``warmup + 1`` positions)."""
+        if self.device.type != "cuda":
+            raise LessonError(
+                "CUDA graphs need an NVIDIA GPU; on a CPU call step() without capture()."
+            )
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(warmup):  # real decode steps: their tokens are kept
+                self._use_one()
+                self._step()
+                self.made.append(self.next_ids.clone())
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self._step()  # recorded, not run: kernels are captured, nothing is computed
+
+    def _use_one(self) -> None:
+        if self.steps_left <= 0:
+            raise LessonError("The static cache is full: create the StaticDecoder with a larger max_new_tokens.")
+        self.steps_left -= 1
+
+    def step(self) -> torch.Tensor:
+        """Make one more token per sequence and return it ``[batch, 1]`` (a view: clone it to keep it)."""
+        self._use_one()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.inference_mode():
+                self._step()
+        return self.next_ids
+
+    def tokens(self, n: int) -> torch.Tensor:
+        """All tokens made so far plus ``n`` more, ``[batch, made + n]``."""
+        self.made += [self.step().clone() for _ in range(n)]
+        return torch.cat(self.made, dim=1)
+
+    def time_steps(self, n: int) -> float:
+        """Wall time of ``n`` consecutive steps, in ms per step (device synchronised before and after)."""
+        return 1000 * _timed(lambda: [self.step() for _ in range(n)], self.device) / n
+
+
+def static_decode_speed(
+    model, input_ids: torch.Tensor, new_tokens: int = 128, graph: bool = True, compile: bool = False,
+    check_tokens: int = 16, bandwidth: float | None = None, path: str | None = None,
+) -> DecodeSpeed:  # fmt: skip
+    """Decode speed with a static cache (and a captured CUDA graph), checked against ``generate``.
+
+    Its greedy tokens are compared with plain ``generate``'s: ``same_tokens`` says how many of the first
+    ``check_tokens`` agree (a near-tie in the logits can flip under different kernels; a wrong first
+    token raises).
+    """
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    with torch.inference_mode():
+        expected = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                  max_new_tokens=check_tokens, min_new_tokens=check_tokens, pad_token_id=0)
+    expected = expected[:, input_ids.shape[1]:]
+    decoder = StaticDecoder(model, input_ids, max_new_tokens=check_tokens + 2 * new_tokens + 16, compile=compile)
+    if graph:
+        decoder.capture()
+    made = decoder.tokens(max(0, check_tokens - len(decoder.made)))[:, :check_tokens]
+    same = int((made == expected).all(dim=0).long().cumprod(0).sum())  # leading positions where all sequences agree
+    if same == 0:
+        raise RuntimeError("The static-cache decoder's first token differs from generate's: it is not decoding the same model.")
+    decoder.time_steps(min(8, new_tokens))  # warm the replay
+    ms = decoder.time_steps(new_tokens)
+    name = path or ("static cache" + (" + CUDA graph" if graph else "") + (" + torch.compile" if compile else ""))
+    return DecodeSpeed(name, input_ids.shape[0], new_tokens, ms, decode_bytes(model), bandwidth, same)

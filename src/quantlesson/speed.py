@@ -1,0 +1,78 @@
+"""Decode speed on real model shapes, on an NVIDIA GPU: the measurements behind the lesson's roofline plot.
+
+Each row times one way of decoding a shape twin (random weights, the real model's
+shapes) at one batch size, next to the memory-bandwidth bound:
+
+* ``generate (eager)``: plain ``model.generate``, the way most tutorials time models;
+* ``static cache + CUDA graph``: one decode step captured and replayed (no Python per token);
+* ``... + torch.compile``: the captured step's kernels fused by the compiler;
+* the same two for 4-bit weights on PyTorch's int4 kernel (:mod:`quantlesson.kernels`).
+
+On a machine without an NVIDIA GPU the functions print what they need and return nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pandas as pd
+import torch
+
+from quantlesson import measure, models
+
+SPEED_COLUMNS = ["model", "weights", "path", "batch", "ms_per_step", "tokens_per_s", "gb_per_step", "roofline_tokens_per_s", "roofline_fraction", "same_tokens", "gpu"]
+
+
+def gpu_available() -> bool:
+    """True where an NVIDIA GPU is visible; otherwise print what to do instead."""
+    if torch.cuda.is_available():
+        return True
+    print(models.no_gpu_message("This measurement"))
+    return False
+
+
+def device_bandwidth(megabytes: int = 2048) -> float | None:
+    """The GPU's measured copy bandwidth in bytes/s (``None`` without a GPU)."""
+    if not gpu_available():
+        return None
+    bandwidth = measure.copy_bandwidth("cuda", megabytes=megabytes, repeats=10)
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {bandwidth / 1e12:.2f} TB/s (bytes read + written)")
+    return bandwidth
+
+
+def _row(name: str, weights: str, speed: measure.DecodeSpeed) -> dict:
+    return {
+        "model": name, "weights": weights, "path": speed.path, "batch": speed.batch,
+        "ms_per_step": speed.ms_per_step, "tokens_per_s": speed.tokens_per_s, "gb_per_step": speed.bytes_per_step / 1e9,
+        "roofline_tokens_per_s": speed.roofline_tokens_per_s, "roofline_fraction": speed.roofline_fraction,
+        "same_tokens": speed.same_tokens, "gpu": torch.cuda.get_device_name(),
+    }
+
+
+def decode_benchmark(
+    twin: str, bandwidth: float, batches: tuple[int, ...] = (1,), new_tokens: int = 128, prompt_tokens: int = 64,
+    int4_group_size: int = 128, compile: bool = True, plain_generate: bool = True,
+) -> pd.DataFrame | None:  # fmt: skip
+    """Time every decode path of one shape twin in bfloat16 and in 4 bits; one row per path and batch."""
+    from quantlesson import kernels
+
+    if not gpu_available():
+        return None
+    rows = []
+    for weights in ("bfloat16", f"int4 g{int4_group_size}"):
+        model = models.twin(twin, dtype=torch.bfloat16, device="cuda")
+        if weights != "bfloat16":
+            kernels.quantize_to_int4pack(model, int4_group_size)
+        for batch in batches:
+            ids = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(batch))
+            if plain_generate and batch == 1:
+                rows.append(_row(twin, weights, measure.generate_speed(model, ids, new_tokens=32, bandwidth=bandwidth)))
+            rows.append(_row(twin, weights, measure.static_decode_speed(model, ids, new_tokens, graph=True, bandwidth=bandwidth)))
+            if compile:
+                rows.append(_row(twin, weights, measure.static_decode_speed(model, ids, new_tokens, graph=True, compile=True, bandwidth=bandwidth)))
+            print("  ".join(f"{r['path']} b{r['batch']}: {r['tokens_per_s']:.0f} tok/s" for r in rows[-(2 + (plain_generate and batch == 1)):]))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return pd.DataFrame(rows, columns=SPEED_COLUMNS)
