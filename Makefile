@@ -9,7 +9,6 @@ SPHINXOPTS ?= -W --keep-going
 export LESSON_MODEL ?= embedded
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
-export GPTQMODEL_CPU_WORKERS ?= 2
 timed = start=$$(date +%s); $(2); echo "[time] $(1): $$(( $$(date +%s) - start )) s"
 
 .PHONY: help html test lab env model versions bench check clean distclean

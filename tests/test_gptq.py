@@ -88,3 +88,10 @@ def test_whole_model_gptq_replaces_every_layer_and_beats_rtn(tiny_llama):
     r = rtn.quantize_model(copy.deepcopy(tiny_llama), bits=3, group_size=32)
     assert all(isinstance(m, rtn.QuantLinear) for n, m in g.named_modules() if n.endswith("proj"))
     assert evaluate.kl_divergence(g, ref, progress=False) < evaluate.kl_divergence(r, ref, progress=False)
+
+
+def test_too_few_calibration_tokens_are_refused(tiny_llama):
+    with pytest.raises(LessonError, match="too few"):
+        gptq.quantize_model(copy.deepcopy(tiny_llama), torch.randint(0, 128, (2, 16)), bits=4, group_size=32)
+    with pytest.raises(LessonError, match="shape"):
+        gptq.quantize_model(copy.deepcopy(tiny_llama), torch.randint(0, 128, (512,)), bits=4, group_size=32)

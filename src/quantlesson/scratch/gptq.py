@@ -123,8 +123,18 @@ def quantize_model(
     from tqdm import tqdm
 
     layers = decoder_layers(model)
+    widest = 0
     for linear in rtn.linear_layers(model, skip).values():
         rtn.check(bits, group_size, linear.in_features)
+        widest = max(widest, linear.in_features)
+    if calibration.ndim != 2:
+        raise LessonError(f"calibration must be token ids of shape [n, tokens], not {tuple(calibration.shape)}.")
+    if calibration.numel() < widest:
+        raise LessonError(
+            f"{calibration.numel()} calibration tokens are too few: the Hessian of a layer with {widest} inputs "
+            f"needs at least {widest} tokens to have full rank. Use more or longer sequences "
+            "(a few hundred sequences of 256 or more tokens is usual)."
+        )
     inputs = _first_layer_inputs(model, calibration)
     for layer in tqdm(layers, desc="GPTQ, layer by layer", disable=not progress):
         linears = rtn.linear_layers(layer)

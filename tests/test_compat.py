@@ -1,0 +1,43 @@
+"""Each workaround in quantlesson.compat: the library still fails without it, and works with it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+GPTQMODEL_QUANTIZE = textwrap.dedent(
+    """
+    import os, sys, torch
+    {prelude}
+    from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
+    from quantlesson import embedded
+    folder = sys.argv[1]
+    torch.manual_seed(0)
+    tokenizer = embedded.train_tokenizer(["def f(x): return x + 1; " * 50], vocab_size=300)
+    tokenizer.save_pretrained(folder)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=64))
+    model.save_pretrained(folder)
+    from gptqmodel import GPTQModel, QuantizeConfig
+    quantizer = GPTQModel.load(folder, QuantizeConfig(bits=4, group_size=128), device="cpu")
+    quantizer.quantize([{{"input_ids": list(range(i, i + 64)), "attention_mask": [1] * 64}} for i in range(8)], batch_size=4)
+    print("quantized")
+    """
+)
+
+
+def run(prelude: str, folder) -> subprocess.CompletedProcess:
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "GPTQMODEL_CPU_WORKERS"}
+    return subprocess.run([sys.executable, "-c", GPTQMODEL_QUANTIZE.format(prelude=prelude), str(folder)],
+                          capture_output=True, text=True, env=env, cwd=folder, timeout=600)
+
+
+@pytest.mark.skipif((os.cpu_count() or 0) > 2, reason="the bug shows on machines with two cores")
+def test_gptqmodel_needs_cpu_workers_on_two_cores(tmp_path):
+    without = run("", tmp_path / "a")
+    assert without.returncode != 0 and "Virtual pool 'model_loader:cpu' requests 2 workers" in without.stderr
+    with_fix = run("from quantlesson import compat; compat.gptqmodel_cpu_workers()", tmp_path / "b")
+    assert with_fix.returncode == 0 and "quantized" in with_fix.stdout, with_fix.stderr[-2000:]
