@@ -12,9 +12,17 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 GPU_TAG = "skip-execution"  # cells whose committed outputs come from a real GPU run
 
 
+def forced(path: Path) -> bool:
+    """Notebooks that read other notebooks' results run in every build, outside the cache."""
+    return nbformat.read(path, nbformat.NO_CONVERT).metadata.get("mystnb", {}).get("execution_mode") == "force"
+
+
 def executed(path: Path) -> nbformat.NotebookNode:
     """The executed copy of ``path`` from the build's cache; fails if the current code never ran clean."""
     from jupyter_cache import get_cache
+
+    if forced(path):
+        pytest.skip(f"{path.name} runs in every build (a failing cell fails the build): see test_site.py")
 
     cache = get_cache(os.environ.get("LESSON_JUPYTER_CACHE", str(ROOT / ".jupyter_cache")))
     try:
