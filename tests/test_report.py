@@ -9,9 +9,9 @@ def test_record_adds_and_replaces_rows(tmp_path):
     path = tmp_path / "results.csv"
     report.record(path, episode="e", model="m", method="RTN", bits=4, group_size=128, kld=0.5, hardware="cpu")
     report.record(path, episode="e", model="m", method="RTN", bits=3, group_size=128, kld=0.9, hardware="cpu")
-    table = report.record(path, episode="e", model="m", method="RTN", bits=4, group_size=128, kld=0.25, hardware="cpu")
-    assert len(table) == 2
+    report.record(path, episode="e", model="m", method="RTN", bits=4, group_size=128, kld=0.25, hardware="cpu")
     again = report.read(path)
+    assert len(again) == 2
     assert list(again.columns) == report.COLUMNS
     assert sorted(again["kld"].astype(float)) == [0.25, 0.9]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind

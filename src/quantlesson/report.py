@@ -60,8 +60,8 @@ def read(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
-def record(path: str | Path, **row) -> pd.DataFrame:
-    """Add (or replace) one row of the table at ``path``; return the whole table.
+def record(path: str | Path, **row) -> None:
+    """Add (or replace) one row of the table at ``path`` (read it back with :func:`read`).
 
     Fields are the :data:`COLUMNS`; ``episode``, ``model`` and ``method`` are required,
     ``hardware`` defaults to :func:`hardware`.
@@ -89,7 +89,6 @@ def record(path: str | Path, **row) -> pd.DataFrame:
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
-    return table
 
 
 def combine(paths) -> pd.DataFrame:
