@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 timed = start=$$(date +%s); $(2); echo "[time] $(1): $$(( $$(date +%s) - start )) s"
 
-.PHONY: help html test lab env model versions bench check clean distclean
+.PHONY: help html test lab env model versions bench linkcheck clean distclean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,7 +46,12 @@ lab: model  ## Open the notebooks in JupyterLab from the lesson's environment
 bench: model versions  ## Time a clean site build and a rebuild with nothing changed, and print the figures
 	rm -rf _build .jupyter_cache
 	@$(call timed,clean build,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
-	@$(call timed,rebuild with nothing changed,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
+	@$(call timed,first rebuild with nothing changed,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
+	@$(call timed,second rebuild with nothing changed,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
+
+linkcheck: model versions  ## Check every link (OFFLINE=1: only the site's own links and anchors)
+	LESSON_LINKCHECK_OFFLINE=$(OFFLINE) $(BIN)/sphinx-build $(SPHINXOPTS) -q -b linkcheck . _build/linkcheck
+	@echo "Link report: _build/linkcheck/output.txt"
 
 clean:  ## Remove the built site and the notebook execution cache
 	rm -rf _build .jupyter_cache jupyter_execute
