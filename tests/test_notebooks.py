@@ -84,3 +84,20 @@ def test_notebook_has_its_page_and_opens_in_colab(notebook):
     assert f"../notebooks/{notebook.stem}" in text and f"{{colab}}`notebooks/{notebook.name}`" in text
     first_code = code_cells(nbformat.read(notebook, nbformat.NO_CONVERT))[0].source
     assert "find_spec(\"quantlesson\")" in first_code and "%pip install" in first_code
+
+
+def test_colab_installs_this_repository_with_pinned_versions(notebook):
+    """The first cell installs the package from the repository the site links to, with the 'lesson' extra."""
+    import re
+    import tomllib
+
+    conf = (ROOT / "conf.py").read_text()
+    user = re.search(r'"LESSON_GITHUB_USER", "([^"]+)"', conf).group(1)
+    repo = re.search(r'"LESSON_GITHUB_REPO", "([^"]+)"', conf).group(1)
+    first = code_cells(nbformat.read(notebook, nbformat.NO_CONVERT))[0].source
+    assert f'quantlesson[lesson] @ git+https://github.com/{user}/{repo}' in first
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lesson"]
+    pinned = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line)
+    for requirement in extra:
+        name, version = requirement.split("==")
+        assert pinned.get(name) == version, f"{name}: the 'lesson' extra pins {version}, requirements.txt {pinned.get(name)}"
