@@ -76,3 +76,42 @@ def decode_benchmark(
         gc.collect()
         torch.cuda.empty_cache()
     return pd.DataFrame(rows, columns=SPEED_COLUMNS)
+
+
+def bitsandbytes_benchmark(twin: str = "Llama-3.2-1B", bandwidth: float | None = None, new_tokens: int = 64) -> pd.DataFrame | None:
+    """Memory and decode speed of a shape twin in bfloat16, NF4 (double quant) and LLM.int8() with bitsandbytes on a GPU.
+
+    Each is timed with plain ``generate`` and, where its kernels allow, with a captured decode step.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not gpu_available():
+        return None
+    folder = tempfile.mkdtemp(prefix="twin-")
+    models.twin(twin, dtype=torch.bfloat16, device="cuda").save_pretrained(folder)
+    configs = {
+        "bfloat16": (None, torch.bfloat16),
+        "NF4 + double quant": (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                  bnb_4bit_compute_dtype=torch.bfloat16), torch.bfloat16),
+        "LLM.int8()": (BitsAndBytesConfig(load_in_8bit=True), torch.float16),
+    }
+    rows = []
+    for weights, (config, dtype) in configs.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cuda", quantization_config=config).eval()
+        gigabytes = sum(measure.memory_by_kind(model).values()) / 1e9
+        ids = torch.randint(0, model.config.vocab_size, (1, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        speeds = [measure.generate_speed(model, ids, new_tokens=32, bandwidth=bandwidth)]
+        note = ""
+        try:
+            speeds.append(measure.static_decode_speed(model, ids, new_tokens, graph=True, bandwidth=bandwidth))
+        except Exception as error:  # some kernels cannot be captured in a CUDA graph
+            note = f"CUDA graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        for speed in speeds:
+            rows.append({**_row(twin, weights, speed), "memory_gb": gigabytes, "note": note if speed is speeds[0] else ""})
+        print(f"{weights}: {gigabytes:.2f} GB; " + "; ".join(f"{s.path}: {s.tokens_per_s:.0f} tok/s" for s in speeds) + (f" ({note})" if note else ""))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return pd.DataFrame(rows)
