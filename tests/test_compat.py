@@ -41,3 +41,42 @@ def test_gptqmodel_needs_cpu_workers_on_two_cores(tmp_path):
     assert without.returncode != 0 and "Virtual pool 'model_loader:cpu' requests 2 workers" in without.stderr
     with_fix = run("from quantlesson import compat; compat.gptqmodel_cpu_workers()", tmp_path / "b")
     assert with_fix.returncode == 0 and "quantized" in with_fix.stdout, with_fix.stderr[-2000:]
+
+
+def _bnb_round_trip(tmp_path, workaround: bool) -> float:
+    """Largest logit difference between a 4-bit model that ran on the CPU and its saved-and-reloaded copy."""
+    import torch
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from quantlesson import compat, models
+
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=64)).save_pretrained(source)
+    from quantlesson import embedded
+
+    embedded.train_tokenizer(["def f(x): return x + 1; " * 50], vocab_size=256).save_pretrained(source)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model, _ = models.load(str(source), quantization_config=config, device_map="cpu")
+    if workaround:
+        compat.bitsandbytes_keep_saveable(model)
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        before = model(ids).logits.float()
+    model.save_pretrained(tmp_path / "saved")
+    embedded.train_tokenizer(["x"], vocab_size=256).save_pretrained(tmp_path / "saved")
+    reloaded, _ = models.load(str(tmp_path / "saved"), device_map="cpu")
+    compat.bitsandbytes_keep_saveable(reloaded)  # compare like with like: the same (generic) CPU kernel
+    with torch.no_grad():
+        return (reloaded(ids).logits.float() - before).abs().max().item()
+
+
+def test_bitsandbytes_saving_after_cpu_inference_needs_the_workaround(tmp_path):
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("the repacking happens on CPUs with AVX512")
+    assert _bnb_round_trip(tmp_path / "without", workaround=False) > 0.1  # the bug: the saved weights are wrong
+    assert _bnb_round_trip(tmp_path / "with", workaround=True) == 0.0

@@ -22,3 +22,21 @@ def gptqmodel_cpu_workers() -> None:
     to at least 2 (we use the core count) avoids it; a value you set yourself is kept.
     """
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+
+
+def bitsandbytes_keep_saveable(model) -> int:
+    """Keep a bitsandbytes 4-bit model saveable after it has run on a CPU. Returns how many layers it changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks each 4-bit weight into a CPU-specific layout at
+    the layer's first forward pass (``_convert_weight_packed_for_cpu``), and converting it back when the
+    model is saved is only a best-effort inverse: a model saved after it has run, then reloaded, computes
+    different logits (the lesson's test measures it). The same missing inverse is bitsandbytes issue
+    https://github.com/bitsandbytes-foundation/bitsandbytes/issues/2078 (``Params4bit.to`` skips it).
+    Switching the repacking off keeps the stored layout, at some CPU speed; or save before running.
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and module.support_avx512bf16_for_cpu:
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
