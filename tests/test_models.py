@@ -73,3 +73,12 @@ def test_shape_twins_have_the_real_parameter_counts(name, parameters):
 def test_an_unknown_twin_lists_the_known_ones():
     with pytest.raises(LessonError, match="Llama-3.1-8B"):
         models.twin("GPT-5")
+
+
+def test_bitsandbytes_4bit_on_cpu_refuses_shapes_its_kernel_cannot_pack(tmp_path):
+    from transformers import BitsAndBytesConfig, LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=12).save_pretrained(tmp_path)
+    with pytest.raises(LessonError, match="multiple of 32"):
+        models.load(str(tmp_path), quantization_config=BitsAndBytesConfig(load_in_4bit=True), device="cpu")

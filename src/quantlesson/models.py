@@ -85,6 +85,7 @@ def load(model_id: str | None = None, dtype: torch.dtype | None = None, device: 
         raise LessonError(no_gpu_message("Loading a model on 'cuda'"))
     dtype = dtype or default_dtype(device)
     where, description = locate(model_id)
+    _check_bitsandbytes_shapes(where, kwargs.get("quantization_config"), device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **_tokenizer_kwargs(kwargs))
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
@@ -103,6 +104,31 @@ def load(model_id: str | None = None, dtype: torch.dtype | None = None, device: 
         size = f"quantized, {sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20:.1f} MiB of tensors"
     print(f"Model: {model_id} -- {description}; {size}, {dtype_name(dtype)} on {device}")
     return model, tokenizer
+
+
+def _check_bitsandbytes_shapes(where: str, quantization_config, device: str) -> None:
+    """bitsandbytes' 4-bit CPU kernel packs outputs in tiles of 32: refuse, clearly, a model it cannot run."""
+    if type(quantization_config).__name__ != "BitsAndBytesConfig" or not quantization_config.load_in_4bit:
+        return
+    if device != "cpu":
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(where)
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    widths = {
+        "hidden": config.hidden_size,
+        "intermediate": getattr(config, "intermediate_size", config.hidden_size),
+        "attention": heads * head_dim,
+        "key/value": getattr(config, "num_key_value_heads", heads) * head_dim,
+    }
+    bad = {name: width for name, width in widths.items() if width % 32}
+    if bad:
+        raise LessonError(
+            f"bitsandbytes' 4-bit CPU kernel needs every linear layer's output width to be a multiple of 32; "
+            f"this model has {bad}. Run it on a GPU, or quantize it with another method (GPTQ, GGUF)."
+        )
 
 
 def _tokenizer_kwargs(kwargs: dict) -> dict:
