@@ -38,6 +38,13 @@ def test_a_folder_without_a_config_says_so(tmp_path):
         models.load(str(tmp_path))
 
 
+def test_a_folder_without_a_tokenizer_says_so(embedded, tmp_path):
+    model, _ = embedded
+    model.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(LessonError, match="no tokenizer"):
+        models.load(str(tmp_path / "no-tokenizer"))
+
+
 def test_a_hub_id_offline_names_the_embedded_switch(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
@@ -80,5 +87,8 @@ def test_bitsandbytes_4bit_on_cpu_refuses_shapes_its_kernel_cannot_pack(tmp_path
 
     LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=12).save_pretrained(tmp_path)
+    from quantlesson import embedded
+
+    embedded.train_tokenizer(["def f(x): return x"], vocab_size=300).save_pretrained(tmp_path)
     with pytest.raises(LessonError, match="multiple of 32"):
         models.load(str(tmp_path), quantization_config=BitsAndBytesConfig(load_in_4bit=True), device="cpu")

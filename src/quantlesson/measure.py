@@ -193,6 +193,13 @@ def _generate(model, input_ids: torch.Tensor, new_tokens: int) -> int:
     return output.shape[1] - input_ids.shape[1]
 
 
+def _generate_exactly(model, input_ids: torch.Tensor, new_tokens: int) -> None:
+    """:func:`_generate`, checked: a run that made a different number of tokens would time the wrong work."""
+    made = _generate(model, input_ids, new_tokens)
+    if made != new_tokens:
+        raise RuntimeError(f"generate made {made} tokens, not {new_tokens}")
+
+
 def latency(model, input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> Latency:
     """Time prefill and decoding separately, at batch 1, greedy, exactly ``new_tokens`` new tokens.
 
@@ -212,21 +219,14 @@ def latency(model, input_ids: torch.Tensor, new_tokens: int = 32, repeats: int =
         with torch.inference_mode():
             model(input_ids=input_ids)
 
-    def check(made: int) -> None:
-        if made != expected[0]:
-            raise RuntimeError(f"generate made {made} tokens, not {expected[0]}")
-
-    expected = [0]
     for _ in range(warmup):
         prefill()
         _generate(model, input_ids, new_tokens)
     prefills, one, full = [], [], []
     for _ in range(repeats):
         prefills.append(_timed(prefill, device))
-        expected[0] = 1
-        one.append(_timed(lambda: check(_generate(model, input_ids, 1)), device))
-        expected[0] = new_tokens
-        full.append(_timed(lambda: check(_generate(model, input_ids, new_tokens)), device))
+        one.append(_timed(lambda: _generate_exactly(model, input_ids, 1), device))
+        full.append(_timed(lambda: _generate_exactly(model, input_ids, new_tokens), device))
     per_token = [(f - o) / (new_tokens - 1) for f, o in zip(full, one)]
     return Latency(
         prompt_tokens=input_ids.shape[1],
@@ -344,21 +344,9 @@ class DecodeSpeed:
 
 
 def generate_speed(model, input_ids: torch.Tensor, new_tokens: int = 128, repeats: int = 3, bandwidth: float | None = None) -> DecodeSpeed:
-    """Decode speed of plain ``model.generate`` (eager, dynamic cache, greedy), prefill subtracted."""
-    device = next(model.parameters()).device
-
-    def run(n):
-        made = _generate(model, input_ids, n)
-        if made != n:
-            raise RuntimeError(f"generate made {made} tokens, not {n}")
-
-    run(new_tokens)  # warm-up
-    per_step = []
-    for _ in range(repeats):
-        one = _timed(lambda: run(1), device)
-        full = _timed(lambda: run(new_tokens), device)
-        per_step.append((full - one) / (new_tokens - 1))
-    return DecodeSpeed("generate (eager)", input_ids.shape[0], new_tokens, 1000 * statistics.median(per_step), decode_bytes(model), bandwidth)
+    """Decode speed of plain ``model.generate`` (eager, dynamic cache, greedy) at batch 1, prefill subtracted."""
+    timing = latency(model, input_ids, new_tokens=new_tokens, repeats=repeats, warmup=1)
+    return DecodeSpeed("generate (eager)", 1, new_tokens, timing.decode_ms_per_token, decode_bytes(model), bandwidth)
 
 
 class StaticDecoder:

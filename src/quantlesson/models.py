@@ -60,6 +60,10 @@ def locate(model_id: str) -> tuple[str, str]:
     if path.exists():
         if not (path / "config.json").exists():
             raise LessonError(f"{path} exists but holds no config.json: it is not a saved model folder.")
+        if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise LessonError(
+                f"{path} holds a model but no tokenizer: save it beside the model with tokenizer.save_pretrained(folder)."
+            )
         return str(path), f"local folder {path}"
     looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
     if looks_like_path:

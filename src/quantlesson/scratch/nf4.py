@@ -64,7 +64,7 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
 
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with a 256-value code book: each value to the nearest code after absmax scaling."""
-    blocks, absmax = absmax_blocks(x, blocksize) if x.numel() % blocksize == 0 else _ragged_blocks(x, blocksize)
+    blocks, absmax = _padded_blocks(x, blocksize)  # a last, shorter block is zero-padded
     scaled = blocks / absmax[:, None]
     order = torch.argsort(code)
     sorted_code = code[order]
@@ -72,7 +72,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     return order[torch.bucketize(scaled, midpoints)].to(torch.uint8).reshape(-1)[: x.numel()], absmax
 
 
-def _ragged_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.reshape(-1).float()
     padded = torch.nn.functional.pad(flat, (0, -flat.numel() % blocksize))
     blocks = padded.reshape(-1, blocksize)
