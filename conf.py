@@ -28,7 +28,18 @@ myst_heading_anchors = 3
 
 # Notebooks: executed by myst-nb through jupyter-cache; a failing cell fails the build.
 nb_execution_mode = os.environ.get("LESSON_EXECUTION", "cache")
-nb_execution_cache_path = os.environ.get("LESSON_JUPYTER_CACHE", str(HERE / ".jupyter_cache"))
+def _package_digest() -> str:
+    """A hash of the helper package's code: notebooks cached under another version re-execute."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((HERE / "src" / "quantlesson").rglob("*")):
+        if path.suffix in (".py", ".json"):
+            digest.update(path.relative_to(HERE).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+nb_execution_cache_path = os.environ.get("LESSON_JUPYTER_CACHE", str(HERE / ".jupyter_cache" / _package_digest()))
 nb_execution_timeout = int(os.environ.get("LESSON_CELL_TIMEOUT", "900"))
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True

@@ -1,7 +1,6 @@
 """The notebooks: executed once, by the site build (``make html``); these tests read that execution
 from the build's jupyter-cache instead of running every notebook a second time."""
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -24,7 +23,9 @@ def executed(path: Path) -> nbformat.NotebookNode:
     if forced(path):
         pytest.skip(f"{path.name} runs in every build (a failing cell fails the build): see test_site.py")
 
-    cache = get_cache(os.environ.get("LESSON_JUPYTER_CACHE", str(ROOT / ".jupyter_cache")))
+    import runpy
+
+    cache = get_cache(runpy.run_path(str(ROOT / "conf.py"))["nb_execution_cache_path"])  # the build's cache
     try:
         record = cache.match_cache_notebook(nbformat.read(path, nbformat.NO_CONVERT))
     except KeyError:
