@@ -80,3 +80,43 @@ def test_bitsandbytes_saving_after_cpu_inference_needs_the_workaround(tmp_path):
         pytest.skip("the repacking happens on CPUs with AVX512")
     assert _bnb_round_trip(tmp_path / "without", workaround=False) > 0.1  # the bug: the saved weights are wrong
     assert _bnb_round_trip(tmp_path / "with", workaround=True) == 0.0
+
+
+AWQ_ONESHOT = textwrap.dedent(
+    """
+    import torch
+    {prelude}
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from quantlesson import embedded
+    torch.manual_seed(0)
+    tokenizer = embedded.train_tokenizer(["def f(x): return x + 1; " * 50], vocab_size=300)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32))
+    import sys
+    model.save_pretrained(sys.argv[1]); tokenizer.save_pretrained(sys.argv[1])
+    model = LlamaForCausalLM.from_pretrained(sys.argv[1])
+    rows = [{{"input_ids": list(range(i, i + 32)), "attention_mask": [1] * 32}} for i in range(4)]
+    oneshot(model=model, processor=tokenizer, dataset=Dataset.from_list(rows), num_calibration_samples=4, max_seq_length=32,
+            recipe=[AWQModifier(n_grid=3), QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])])
+    print("quantized")
+    """
+)
+
+
+def run_awq(prelude: str, folder) -> subprocess.CompletedProcess:
+    folder.mkdir()
+    return subprocess.run([sys.executable, "-c", AWQ_ONESHOT.format(prelude=prelude), str(folder)],
+                          capture_output=True, text=True, cwd=folder, timeout=600)
+
+
+@pytest.mark.skipif(__import__("torch").accelerator.is_available(), reason="the bug shows without an accelerator")
+def test_llmcompressor_awq_needs_the_workaround_without_a_gpu(tmp_path):
+    without = run_awq("", tmp_path / "a")
+    assert without.returncode != 0 and "Cannot access accelerator device" in without.stderr
+    with_it = run_awq("from quantlesson import compat; assert compat.llmcompressor_awq_on_cpu()", tmp_path / "b")
+    assert with_it.returncode == 0, with_it.stderr[-2000:]
+    assert "quantized" in with_it.stdout

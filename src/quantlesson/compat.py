@@ -40,3 +40,27 @@ def bitsandbytes_keep_saveable(model) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def llmcompressor_awq_on_cpu() -> bool:
+    """Let llm-compressor's AWQ run on a machine without a GPU. Returns True if it changed anything.
+
+    llm-compressor 0.14 pins the cached inputs of each block in page-locked memory before AWQ's grid
+    search (``IntermediatesCache.pin_memory``, added in
+    https://github.com/vllm-project/llm-compressor/pull/2813 to speed up copies to the GPU).
+    Pinning needs an accelerator: on a CPU-only PyTorch ``oneshot`` with ``AWQModifier`` fails with
+    ``RuntimeError: Cannot access accelerator device when none is available``. Pinning only speeds
+    up host-to-GPU copies, so where there is no accelerator we skip it; with a GPU nothing changes.
+    """
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available() or getattr(IntermediatesCache.pin_memory, "_lesson_skip", False):
+        return False
+
+    def pin_memory(self, batch_index: int, input_names: list[str] | None = None) -> None:
+        """No accelerator: nothing to pin for (quantlesson.compat.llmcompressor_awq_on_cpu)."""
+
+    pin_memory._lesson_skip = True
+    IntermediatesCache.pin_memory = pin_memory
+    return True

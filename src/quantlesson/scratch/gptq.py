@@ -89,7 +89,7 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the first decoder layer's inputs are captured."""
 
 
-def _first_layer_inputs(model, calibration: torch.Tensor) -> list[tuple[tuple, dict]]:
+def first_layer_inputs(model, calibration: torch.Tensor) -> list[tuple[tuple, dict]]:
     """Run the model up to its first decoder layer, once per calibration sequence; keep that layer's inputs."""
     captured = []
 
@@ -135,7 +135,7 @@ def quantize_model(
             f"needs at least {widest} tokens to have full rank. Use more or longer sequences "
             "(a few hundred sequences of 256 or more tokens is usual)."
         )
-    inputs = _first_layer_inputs(model, calibration)
+    inputs = first_layer_inputs(model, calibration)
     for layer in tqdm(layers, desc="GPTQ, layer by layer", disable=not progress):
         linears = rtn.linear_layers(layer)
         sums = {name: [torch.zeros(m.in_features, m.in_features), 0] for name, m in linears.items()}
@@ -153,11 +153,11 @@ def quantize_model(
         for name, linear in linears.items():
             H, n = sums[name]
             rtn.replace_module(layer, name, quantize_layer(linear, H / n, bits, group_size, symmetric, act_order))
-        inputs = [_with_hidden_states(layer(*args, **kwargs), args, kwargs) for args, kwargs in inputs]
+        inputs = [next_layer_inputs(layer(*args, **kwargs), args, kwargs) for args, kwargs in inputs]
     return model
 
 
-def _with_hidden_states(output, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def next_layer_inputs(output, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The next layer's inputs: this layer's output in place of its hidden states."""
     hidden = output[0] if isinstance(output, tuple) else output
     if args:
