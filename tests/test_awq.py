@@ -47,7 +47,7 @@ def test_same_scales_as_llmcompressor(both):
 
 
 def test_same_quantized_weights_as_llmcompressor(both):
-    """Every linear layer ends with the same zero-points, the same codes and (to float rounding) the same scales.
+    """Every linear layer ends with the same zero-points, the same codes (but at exact rounding ties) and scales.
 
     llm-compressor keeps the scaled float weight and its quantization parameters until it saves;
     its codes are that weight rounded with those parameters.
@@ -61,8 +61,13 @@ def test_same_quantized_weights_as_llmcompressor(both):
         torch.testing.assert_close(mine.scale, module.weight_scale.float(), rtol=1e-5, atol=1e-8)
         assert torch.equal(mine.zero.float(), module.weight_zero_point.float())
         scale, zero = module.weight_scale.float()[..., None], module.weight_zero_point.float()[..., None]
+        position = rtn.grouped(module.weight.detach().float(), 128) / scale + zero  # before rounding
         codes = rtn.quantize(rtn.grouped(module.weight.detach().float(), 128), scale, zero, 4).reshape(module.weight.shape)
-        assert torch.equal(mine.weight_codes(), codes), f"{name}: {(mine.weight_codes() != codes).sum()} codes differ"
+        differ = mine.weight_codes() != codes
+        # The scaled weights agree to float rounding (~1e-8), so only a weight halfway between two levels may round apart.
+        tie = ((position - position.floor() - 0.5).abs() < 1e-4).reshape(differ.shape)
+        assert not (differ & ~tie).any(), f"{name}: {(differ & ~tie).sum()} codes differ away from a rounding tie"
+        assert differ.sum() <= 1e-5 * differ.numel()
 
 
 def test_grid_is_llmcompressors():
@@ -150,3 +155,15 @@ def test_bad_settings_fail_before_changing_the_model(tiny_llama):
     with pytest.raises(LessonError, match="bits=9"):
         awq.quantize_model(model, torch.zeros(2, 16, dtype=torch.long), bits=9, group_size=32)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_clip_option_lowers_the_kl_divergence(embedded, calibration):
+    from quantlesson import evaluate
+
+    model, tokenizer = embedded
+    ids = data.evaluation_tokens(tokenizer, max_tokens=2048)
+    ref = evaluate.reference(model, ids, progress=False)
+    plain, clipped = copy.deepcopy(model), copy.deepcopy(model)
+    awq.quantize_model(plain, calibration[:8], bits=3, n_grid=5, progress=False)
+    awq.quantize_model(clipped, calibration[:8], bits=3, n_grid=5, clip=True, progress=False)
+    assert evaluate.kl_divergence(clipped, ref, progress=False) < evaluate.kl_divergence(plain, ref, progress=False)

@@ -207,13 +207,14 @@ def scale_block(
 def quantize_model(
     model, calibration: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
     n_grid: int = 20, duo: bool = True, mappings: tuple[Mapping, ...] = LLAMA, skip: tuple[str, ...] = ("lm_head",),
-    progress: bool = True,
+    clip: bool = False, progress: bool = True,
 ) -> list[Search]:  # fmt: skip
     """AWQ-scale every decoder layer in turn, then round-to-nearest quantize them all, in place. Returns every search.
 
     ``calibration`` is a LongTensor ``[n, tokens]``. Each layer sees the outputs of the
     layers before it, scaled but not yet quantized: llm-compressor's ``AWQModifier``
     followed by a ``QuantizationModifier`` does the same (the tests check it).
+    ``clip=True`` adds the original AWQ's clipping search (:func:`clip_block`) after the scales.
     """
     from tqdm import tqdm
 
@@ -227,6 +228,8 @@ def quantize_model(
     searches = []
     for layer in tqdm(layers, desc="AWQ, layer by layer", disable=not progress):
         searches += scale_block(layer, inputs, mappings, bits, group_size, symmetric, n_grid, duo)
+        if clip:
+            clip_block(layer, inputs, bits, group_size, symmetric)
         inputs = [next_layer_inputs(layer(*args, **kwargs), args, kwargs) for args, kwargs in inputs]
     rtn.quantize_model(model, bits, group_size, symmetric, skip)
     return searches
@@ -271,6 +274,31 @@ def search_clip(
         better = error < best_error
         best_error, best = torch.where(better, error, best_error), torch.where(better, m, best)
     return torch.clamp(groups, -best, best).reshape(w.shape).to(w.dtype)
+
+
+@torch.no_grad()
+def clip_block(
+    block: torch.nn.Module, inputs: list[tuple[tuple, dict]], bits: int = 4, group_size: int | None = 128,
+    symmetric: bool = False, n_tokens: int = 512, skip: tuple[str, ...] = ("q_proj", "k_proj"),
+) -> None:  # fmt: skip
+    """:func:`search_clip` on each linear layer of a block, on its first ``n_tokens`` inputs, in place.
+
+    Like AutoAWQ, it leaves the query and key projections alone: their output error says
+    little about the attention pattern they produce.
+    """
+    seen: dict[str, list[torch.Tensor]] = {}
+    linears = {name: m for name, m in rtn.linear_layers(block).items() if not name.endswith(skip)}
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0].detach()))
+             for name, m in linears.items()]  # fmt: skip
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, linear in linears.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[name]])[:n_tokens]  # [tokens, in]
+        linear.weight.data = search_clip(linear.weight.data, x, bits, group_size, symmetric)
 
 
 def _output(output) -> torch.Tensor:
