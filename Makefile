@@ -9,6 +9,8 @@ SPHINXOPTS ?= -W --keep-going
 export LESSON_MODEL ?= embedded
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
+# llama-cpp-python builds llama.cpp from source: with its command-line tools (llama-quantize, llama-imatrix, ...).
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 timed = start=$$(date +%s); $(2); echo "[time] $(1): $$(( $$(date +%s) - start )) s"
 
 .PHONY: help html test tools lab env model versions bench linkcheck clean distclean
@@ -22,7 +24,8 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@$(call timed,environment,\
 	  test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/python -m pip install -q --upgrade pip; \
-	  $(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt; \
+	  echo "Installing the pinned packages; llama-cpp-python compiles llama.cpp and its tools once (5-15 min on 2 cores; pip caches the result)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt; \
 	  $(BIN)/python -m pip install -q --no-deps -e .)
 	@touch $@
 

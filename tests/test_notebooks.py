@@ -99,6 +99,6 @@ def test_colab_installs_this_repository_with_pinned_versions(notebook):
     assert f'quantlesson[lesson] @ git+https://github.com/{user}/{repo}' in first
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lesson"]
     pinned = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line)
-    for requirement in extra:
+    for requirement in extra + re.findall(r'"([A-Za-z0-9_.-]+==[^"]+)"', first):  # the extra, and any other pins of the cell
         name, version = requirement.split("==")
-        assert pinned.get(name) == version, f"{name}: the 'lesson' extra pins {version}, requirements.txt {pinned.get(name)}"
+        assert pinned.get(name) == version, f"{name}: {notebook.name} or the 'lesson' extra pins {version}, requirements.txt {pinned.get(name)}"
