@@ -120,3 +120,31 @@ def test_llmcompressor_awq_needs_the_workaround_without_a_gpu(tmp_path):
     with_it = run_awq("from quantlesson import compat; assert compat.llmcompressor_awq_on_cpu()", tmp_path / "b")
     assert with_it.returncode == 0, with_it.stderr[-2000:]
     assert "quantized" in with_it.stdout
+
+
+def test_exllamav2_rope_theta_is_copied_where_exllamav2_reads_it(tmp_path, embedded):
+    """transformers 5 saves rope_theta inside rope_parameters; ExLlamaV2 0.3.2 reads only the top-level key."""
+    import json
+
+    from quantlesson import compat
+
+    model, _ = embedded
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 100_000  # still the v5 layout
+    assert compat.exllamav2_rope_theta(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_theta"] == 100_000
+    assert not compat.exllamav2_rope_theta(tmp_path)  # once is enough
+
+
+def test_exllamav2_still_reads_only_the_top_level_rope_theta():
+    """Where ExLlamaV2 is installed, its config reader still looks only for the top-level key."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("exllamav2")
+    if spec is None:
+        pytest.skip("exllamav2 is not installed here (it needs an NVIDIA GPU)")
+    from pathlib import Path
+
+    source = (Path(spec.origin).parent / "config.py").read_text()
+    assert '"rope_theta"' in source and "rope_parameters" not in source

@@ -113,19 +113,25 @@ def first_layer_inputs(model, calibration: torch.Tensor) -> list[tuple[tuple, di
 def quantize_model(
     model, calibration: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
     act_order: bool = False, skip: tuple[str, ...] = ("lm_head",), progress: bool = True,
+    per_layer: dict[str, tuple[int, int | None]] | None = None,
 ):  # fmt: skip
     """GPTQ every linear layer of a decoder-only model, one decoder layer at a time, in place.
 
     ``calibration`` is a LongTensor ``[n, tokens]``. Each decoder layer is run on
     the outputs of the already-quantized layers before it, so later layers
     correct for earlier layers' errors (llm-compressor's sequential pipeline does the same).
+    ``per_layer`` maps a layer's full name to its own ``(bits, group_size)`` (mixed precision, as in EXL2).
     """
     from tqdm import tqdm
 
     layers = decoder_layers(model)
+    per_layer = per_layer or {}
+    if unknown := sorted(set(per_layer) - set(rtn.linear_layers(model, skip))):
+        raise LessonError(f"per_layer names layers the model does not have (or skips): {unknown[:3]}")
+    setting = {id(m): per_layer.get(name, (bits, group_size)) for name, m in rtn.linear_layers(model, skip).items()}
     widest = 0
     for linear in rtn.linear_layers(model, skip).values():
-        rtn.check(bits, group_size, linear.in_features)
+        rtn.check(*setting[id(linear)], linear.in_features)
         widest = max(widest, linear.in_features)
     if calibration.ndim != 2:
         raise LessonError(f"calibration must be token ids of shape [n, tokens], not {tuple(calibration.shape)}.")
@@ -152,7 +158,8 @@ def quantize_model(
             hook.remove()
         for name, linear in linears.items():
             H, n = sums[name]
-            rtn.replace_module(layer, name, quantize_layer(linear, H / n, bits, group_size, symmetric, act_order))
+            layer_bits, layer_group = setting[id(linear)]
+            rtn.replace_module(layer, name, quantize_layer(linear, H / n, layer_bits, layer_group, symmetric, act_order))
         inputs = [next_layer_inputs(layer(*args, **kwargs), args, kwargs) for args, kwargs in inputs]
     return model
 

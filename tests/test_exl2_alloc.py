@@ -1,0 +1,64 @@
+"""The EXL2-style measurement and allocation from scratch."""
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+
+from quantlesson import LessonError, data, evaluate
+from quantlesson.scratch import exl2_alloc, gptq
+
+
+def toy_measurement():
+    """Two layers: 'a' suffers badly at low bits, 'b' hardly at all."""
+    rows = []
+    for layer, sensitivity in (("a", 1.0), ("b", 0.01)):
+        for bits in (2, 3, 4, 8):
+            rows.append({"layer": layer, "bits": bits, "group_size": 128, "bpw": exl2_alloc.cost(bits, 128),
+                         "weights": 1000, "error": sensitivity * 4.0 ** -bits})
+    return pd.DataFrame(rows)
+
+
+def test_allocation_spends_bits_on_the_sensitive_layer_and_meets_the_budget():
+    m = toy_measurement()
+    a = exl2_alloc.allocate(m, 3.25)
+    assert a.bpw <= 3.25 + 1e-9
+    assert a.settings["a"][0] > a.settings["b"][0]
+    assert a.error < exl2_alloc.uniform(m, 3, 128).error
+    assert exl2_alloc.allocate(m, 100).settings == {"a": (8, 128), "b": (8, 128)}
+    with pytest.raises(LessonError, match="below the cheapest"):
+        exl2_alloc.allocate(m, 1.0)
+    with pytest.raises(LessonError, match="was not measured"):
+        exl2_alloc.uniform(m, 5, 64)
+
+
+def test_frontier_drops_settings_that_cost_more_and_do_no_better():
+    rows = pd.DataFrame({"bpw": [2.25, 3.0, 3.25, 4.25], "error": [1.0, 1.2, 0.5, 0.6]})
+    assert exl2_alloc.frontier(rows)["bpw"].tolist() == [2.25, 3.25]
+
+
+def test_mixed_allocation_beats_uniform_bits_on_the_embedded_model(embedded):
+    model, tokenizer = embedded
+    calibration = data.calibration_tokens(tokenizer, n=16, seq_len=256)
+    m = exl2_alloc.measure(model, calibration, progress=False)
+    assert len(m) == len(exl2_alloc.SETTINGS) * 7 * len(model.model.layers)
+    # more bits, less error, for every layer and group size
+    for _, rows in m.groupby(["layer", "group_size"]):
+        assert rows.sort_values("bits")["error"].is_monotonic_decreasing
+    ref = evaluate.reference(model, data.evaluation_tokens(tokenizer, max_tokens=2048), progress=False)
+    mixed = exl2_alloc.allocate(m, 3.25)
+    mixed_model = gptq.quantize_model(copy.deepcopy(model), calibration, symmetric=False, per_layer=mixed.settings, progress=False)
+    uniform_model = gptq.quantize_model(copy.deepcopy(model), calibration, bits=3, group_size=128, symmetric=False, progress=False)
+    assert mixed.bpw <= 3.25 + 1e-9
+    assert evaluate.kl_divergence(mixed_model, ref, progress=False) < evaluate.kl_divergence(uniform_model, ref, progress=False)
+
+
+def test_per_layer_settings_reach_the_layers(tiny_llama):
+    calibration = torch.randint(0, 128, (4, 64))
+    name = "model.layers.0.mlp.down_proj"
+    quantized = gptq.quantize_model(copy.deepcopy(tiny_llama), calibration, bits=4, group_size=32, per_layer={name: (2, 64)}, progress=False)
+    assert (quantized.get_submodule(name).bits, quantized.get_submodule(name).group_size) == (2, 64)
+    assert quantized.get_submodule("model.layers.0.mlp.up_proj").bits == 4
+    with pytest.raises(LessonError, match="per_layer names"):
+        gptq.quantize_model(copy.deepcopy(tiny_llama), calibration, per_layer={"nope": (4, 32)}, group_size=32)
