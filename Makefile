@@ -26,7 +26,8 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	  $(BIN)/python -m pip install -q --upgrade pip; \
 	  echo "Installing the pinned packages; llama-cpp-python compiles llama.cpp and its tools once (5-15 min on 2 cores; pip caches the result)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt; \
-	  $(BIN)/python -m pip install -q --no-deps -e .)
+	  $(BIN)/python -m pip install -q --no-deps -e .; \
+	  $(BIN)/python -m quantlesson.llamacpp)
 	@touch $@
 
 model: env  ## Build the embedded model (once; cached in ~/.cache/quantlesson)
@@ -37,6 +38,7 @@ versions: env
 
 html: model versions  ## Build the site, executing every CPU notebook (on the embedded model unless LESSON_MODEL is set)
 	@$(call timed,site build,$(BIN)/sphinx-build $(SPHINXOPTS) -b html . _build/html)
+	@$(BIN)/python tools/notebook_times.py
 	@echo "The site is in _build/html/index.html"
 
 test: html tools  ## Run the tests: helper package, notebooks (from the site build's cache), site checks

@@ -66,12 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one process per GPU, started by torchrun (llm-compressor's distributed oneshot)",
     )
     parser.add_argument("--evaluate", action="store_true", help="measure KL divergence, top-1 and perplexity")
+    parser.add_argument(
+        "--evaluate-only", action="store_true",
+        help="do not quantize: score the model already saved in --out against --model, in one process, "
+             "each spread over every visible GPU (device_map='auto')",
+    )
     parser.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens for --evaluate (default: 4096)")
     parser.add_argument("--results", type=Path, default=None, help="CSV results table to add a row to")
     args = parser.parse_args(argv)
     args.scheme = args.scheme or DEFAULT_SCHEME[args.method]
-    if args.distributed and args.evaluate:
-        parser.error("--evaluate runs in a single process: quantize with --distributed, then evaluate separately")
+    if args.distributed and (args.evaluate or args.evaluate_only):
+        parser.error("--evaluate runs in a single process: quantize with --distributed, then run --evaluate-only")
     if args.samples < 1 or args.seq_len < 8:
         parser.error("need --samples >= 1 and --seq-len >= 8")
     if args.distributed and "LOCAL_RANK" not in os.environ:
@@ -175,8 +180,28 @@ def evaluate_saved(args, dtype, reference) -> dict[str, float]:
     return evaluate.compare(quantized, reference, progress=False)
 
 
+def evaluate_only(args) -> int:
+    """Score a saved checkpoint (after a --distributed quantization) and add the scores to its summary."""
+    from quantlesson import report
+
+    if not (args.out / "config.json").is_file():
+        raise SystemExit(f"--evaluate-only: no saved model in {args.out} (no config.json): quantize it first")
+    dtype = choose_dtype(args.dtype)
+    scores = evaluate_saved(args, dtype, reference_scores(args, dtype))
+    summary_file = args.out / "quantize-summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"model": args.model}
+    summary.update(scores, evaluated_on=report.hardware(), eval_tokens=args.eval_tokens)
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if os.environ.get("HPC_DRY_RUN") == "1" and args.evaluate_only:
+        print(f"Dry run (process 0 of 1): would score {args.out} against {args.model or '$LESSON_MODEL'} "
+              f"on {args.eval_tokens} tokens, both spread over every visible GPU (device_map='auto')")
+        return 0
     if os.environ.get("HPC_DRY_RUN") == "1":
         where = f"process {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}"
         print(f"Dry run ({where}): would quantize {args.model or '$LESSON_MODEL'} with {args.method.upper()} "
@@ -187,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = models.chosen_model()
     os.environ.setdefault("LESSON_DATA", args.data or ("embedded" if args.model == "embedded" else "hub"))
+    if args.evaluate_only:
+        return evaluate_only(args)
 
     from llmcompressor import oneshot
 

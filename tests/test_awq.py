@@ -167,3 +167,23 @@ def test_clip_option_lowers_the_kl_divergence(embedded, calibration):
     awq.quantize_model(plain, calibration[:8], bits=3, n_grid=5, progress=False)
     awq.quantize_model(clipped, calibration[:8], bits=3, n_grid=5, clip=True, progress=False)
     assert evaluate.kl_divergence(clipped, ref, progress=False) < evaluate.kl_divergence(plain, ref, progress=False)
+
+
+def test_another_architecture_runs_with_its_own_mappings():
+    """OPT has other module names: Llama's mappings are refused with a clear error, awq.OPT's work."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=64)  # fmt: skip
+    model = OPTForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (4, 32))
+    with pytest.raises(LessonError, match="mappings="):
+        awq.quantize_model(copy.deepcopy(model), ids, group_size=32, progress=False)
+    searches = awq.quantize_model(model, ids, bits=3, group_size=32, mappings=awq.OPT, n_grid=5, progress=False)
+    assert [s.mapping for s in searches] == list(awq.OPT) * 2  # every mapping of every layer was searched
+    assert all(s.improvement <= 1 for s in searches)  # the grid holds "no scaling", so the best is never worse
+    groups = model.get_submodule("model.decoder.layers.0.fc1").weight.reshape(-1, 32)
+    assert max(len(torch.unique(g)) for g in groups) <= 8  # quantized: each group of 32 holds at most 2^3 levels
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()

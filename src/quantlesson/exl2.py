@@ -21,9 +21,12 @@ from quantlesson.models import no_gpu_message
 
 def available() -> bool:
     """True if ExLlamaV2 can run here; otherwise print why not (no GPU, or not installed) and return False."""
+    from quantlesson import compat
+
     if not torch.cuda.is_available():
         print(no_gpu_message("ExLlamaV2"))
         return False
+    compat.exllamav2_causal_attention()  # before the import: ExLlamaV2's SDPA path is not causal (see compat)
     try:
         import exllamav2  # noqa: F401  (compiles its CUDA extension the first time)
     except ImportError as error:
@@ -42,6 +45,9 @@ def write_calibration(texts: list[str], path: str | Path) -> Path:
 
 
 def _convert(*arguments: str) -> str:
+    from quantlesson import compat
+
+    compat.exllamav2_causal_attention()  # the converter's forward passes need causal attention too
     command = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", *arguments]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -74,6 +80,10 @@ class ExLlamaV2Model(torch.nn.Module):
 
     def __init__(self, folder: str | Path, max_seq_len: int = 2048):
         super().__init__()
+        from quantlesson import compat
+
+        compat.exllamav2_causal_attention()
+        compat.exllamav2_rope_theta(folder)  # also for an unquantized folder, which the converter never saw
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
         config = ExLlamaV2Config(str(folder))

@@ -233,3 +233,7 @@ def decode_speed(model: LlamaCppModel, prompt: torch.Tensor, new_tokens: int = 6
     for _ in range(new_tokens):
         llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
     return new_tokens / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":  # `python -m quantlesson.llamacpp`: `make env` keeps the converter, so notebooks need no network
+    print(f"llama.cpp converter: {source_folder() / 'convert_hf_to_gguf.py'}")

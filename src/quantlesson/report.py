@@ -19,7 +19,7 @@ from quantlesson.errors import LessonError
 
 COLUMNS = [
     "episode", "model", "method", "bits", "group_size", "size_mb", "bits_per_weight",
-    "perplexity", "kld", "top1", "prefill_tok_s", "decode_tok_s", "quant_seconds",
+    "perplexity", "kld", "top1", "prefill_tok_s", "decode_tok_s", "quant_seconds", "quant_peak_mb",
     "calibration", "hardware",
 ]  # fmt: skip
 KEY = ["episode", "model", "method", "bits", "group_size", "hardware"]
@@ -79,7 +79,7 @@ def record(path: str | Path, **row) -> None:
     if len(table):
         same = (table[KEY].astype(str) == new[KEY].astype(str).iloc[0]).all(axis=1)
         table = table[~same]
-    table = pd.concat([table.astype(object), new.astype(object)], ignore_index=True)[COLUMNS]
+    table = pd.concat([table.astype(object), new.astype(object)], ignore_index=True).reindex(columns=COLUMNS)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, scratch = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(handle)
@@ -96,7 +96,7 @@ def combine(paths) -> pd.DataFrame:
     tables = [read(p) for p in paths if Path(p).exists()]
     if not tables:
         return pd.DataFrame(columns=COLUMNS)
-    return pd.concat([t.astype(object) for t in tables], ignore_index=True)[COLUMNS]
+    return pd.concat([t.astype(object) for t in tables], ignore_index=True).reindex(columns=COLUMNS)
 
 
 def plot(table: pd.DataFrame, x: str = "bits_per_weight", y: str = "kld", label: str = "method", ax=None, logy: bool = True):

@@ -50,6 +50,11 @@ LLAMA = (
     Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
 )
+OPT = (  # another family's names, as llm-compressor maps OPT: pass mappings=awq.OPT
+    Mapping("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    Mapping("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+    Mapping("final_layer_norm", ("fc1",), "fc1"),
+)
 
 
 def mappings_for(block: torch.nn.Module, mappings: tuple[Mapping, ...] = LLAMA) -> tuple[Mapping, ...]:
