@@ -212,3 +212,15 @@ def test_exllamav2_sdpa_attention_still_sees_later_tokens(tmp_path):
     print(f"position 0 moves by {leak:.3g} through SDPA, {fixed:.3g} through the masked path")
     assert fixed <= 1e-3, "the masked attention path should be causal"
     assert leak > 1e-3, "ExLlamaV2's SDPA path is causal now: compat.exllamav2_causal_attention can go"
+
+
+def test_exllamav2_sdpa_branch_still_drops_the_causal_mask():
+    """Where ExLlamaV2 is installed (no GPU needed to read it): the SDPA branch still takes the block-diagonal mask."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("exllamav2")
+    if spec is None:
+        pytest.skip("exllamav2 is not installed here (it needs an NVIDIA GPU)")
+    source = (Path(spec.origin).parent / "attn.py").read_text()
+    assert "if self.layer_idx in attn_params.block_diag_layers or causal:" in source

@@ -122,3 +122,24 @@ def test_capture_without_a_gpu_is_a_clear_error(tiny_llama):
     decoder = measure.StaticDecoder(tiny_llama, torch.zeros(1, 4, dtype=torch.long), max_new_tokens=4)
     with pytest.raises(LessonError, match="NVIDIA GPU"):
         decoder.capture()
+
+
+def test_peak_memory_counts_a_copy_after_temporaries_were_freed():
+    """A long-lived process: memory freed earlier would be reused unseen; PeakMemory hands it back first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import copy, torch\nfrom transformers import LlamaConfig, LlamaForCausalLM\nfrom quantlesson import measure\n"
+        "model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,"
+        " num_attention_heads=4, num_key_value_heads=2))\n"
+        "ids, copies = torch.randint(0, 4096, (1, 512)), []\n"
+        "for _ in range(3):\n"
+        "    with torch.no_grad():\n        model(ids).logits.log_softmax(-1)\n"  # temporaries, freed and kept for reuse
+        "    with measure.PeakMemory() as memory:\n        copies.append(copy.deepcopy(model))\n"
+        "    print(memory.increase)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    copy_bytes = 4 * (2 * 4096 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768))  # embeddings, head, layers
+    for increase in map(int, result.stdout.split()):
+        assert increase >= 0.8 * copy_bytes  # every copy shows, though freed memory was at hand

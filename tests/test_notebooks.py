@@ -102,3 +102,14 @@ def test_colab_installs_this_repository_with_pinned_versions(notebook):
     for requirement in extra + re.findall(r'"([A-Za-z0-9_.-]+==[^"]+)"', first):  # the extra, and any other pins of the cell
         name, version = requirement.split("==")
         assert pinned.get(name) == version, f"{name}: {notebook.name} or the 'lesson' extra pins {version}, requirements.txt {pinned.get(name)}"
+
+
+def test_gpu_cells_keep_the_outputs_of_a_real_run(notebook):
+    """Cells tagged for the GPU are rendered from their committed outputs: each has some, and they name the GPU."""
+    cells = [c for c in code_cells(nbformat.read(notebook, nbformat.NO_CONVERT)) if GPU_TAG in c.metadata.get("tags", [])]
+    if not cells:
+        pytest.skip("this notebook has no GPU cells")
+    assert all(c.outputs for c in cells), f"{notebook.name}: a GPU cell without outputs: run tools/gpu_cells.py on a GPU"
+    printed = "".join(text_of(c) for c in cells)
+    assert "NVIDIA" in printed, f"{notebook.name}: the GPU cells' outputs do not name the GPU they ran on"
+    assert "Traceback" not in printed and not [o for c in cells for o in c.outputs if o.output_type == "error"]

@@ -37,3 +37,15 @@ def test_combine_and_plot(tmp_path):
 
 def test_hardware_names_the_machine():
     assert report.hardware().startswith(("CPU: ", "GPU: "))
+
+
+def test_plot_without_tags_and_with_many_groups(tmp_path):
+    path = tmp_path / "r.csv"
+    for i in range(10):
+        report.record(path, episode="e", model="m", method=f"method {i}", bits=4, bits_per_weight=4 + i / 10, kld=0.01 / (i + 1))
+    table = report.read(path)
+    ax = report.plot(table, annotate=False)
+    assert len(ax.texts) == 0 and len(ax.get_lines()) == 10
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # beside the axes, not over the points
+    assert len(report.plot(table).texts) == 10  # tagged by default

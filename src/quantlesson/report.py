@@ -99,8 +99,12 @@ def combine(paths) -> pd.DataFrame:
     return pd.concat([t.astype(object) for t in tables], ignore_index=True).reindex(columns=COLUMNS)
 
 
-def plot(table: pd.DataFrame, x: str = "bits_per_weight", y: str = "kld", label: str = "method", ax=None, logy: bool = True):
-    """Scatter ``y`` against ``x``, one labelled point per row, one colour per method; return the axes."""
+def plot(
+    table: pd.DataFrame, x: str = "bits_per_weight", y: str = "kld", label: str = "method", ax=None, logy: bool = True,
+    annotate: bool = True,
+):  # fmt: skip
+    """Scatter ``y`` against ``x``, one colour per ``label`` (each point tagged with its bits and group size
+    unless ``annotate=False``); return the axes. With many groups the legend goes beside the axes."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -109,7 +113,7 @@ def plot(table: pd.DataFrame, x: str = "bits_per_weight", y: str = "kld", label:
     rows = rows[rows[y].astype(float) > 0] if logy else rows
     for method, group in rows.groupby(label, sort=False):
         ax.plot(group[x].astype(float), group[y].astype(float), "o", label=str(method), alpha=0.85)
-        for _, r in group.iterrows():
+        for _, r in group.iterrows() if annotate else ():
             tag = f"{int(r['bits'])}b" if pd.notna(r.get("bits")) and str(r.get("bits")) != "" else ""
             if pd.notna(r.get("group_size")) and str(r.get("group_size")) not in ("", "nan"):
                 tag += f" g{r['group_size']}"
@@ -119,5 +123,8 @@ def plot(table: pd.DataFrame, x: str = "bits_per_weight", y: str = "kld", label:
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if rows[label].nunique() > 8:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
     return ax
