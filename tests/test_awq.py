@@ -183,7 +183,10 @@ def test_another_architecture_runs_with_its_own_mappings():
     searches = awq.quantize_model(model, ids, bits=3, group_size=32, mappings=awq.OPT, n_grid=5, progress=False)
     assert [s.mapping for s in searches] == list(awq.OPT) * 2  # every mapping of every layer was searched
     assert all(s.improvement <= 1 for s in searches)  # the grid holds "no scaling", so the best is never worse
-    groups = model.get_submodule("model.decoder.layers.0.fc1").weight.reshape(-1, 32)
-    assert max(len(torch.unique(g)) for g in groups) <= 8  # quantized: each group of 32 holds at most 2^3 levels
+    fc1 = model.get_submodule("model.decoder.layers.0.fc1")
+    assert isinstance(fc1, rtn.QuantLinear) and (fc1.bits, fc1.group_size) == (3, 32)
+    assert len(torch.unique(fc1.weight_codes())) <= 8  # 3-bit codes: at most 2^3 levels
+    groups = fc1.dequantized_weight().reshape(-1, 32)
+    assert max(len(torch.unique(g)) for g in groups) <= 8 and len(torch.unique(groups)) > 8  # per group, not per layer
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
