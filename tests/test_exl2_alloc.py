@@ -62,3 +62,15 @@ def test_per_layer_settings_reach_the_layers(tiny_llama):
     assert quantized.get_submodule("model.layers.0.mlp.up_proj").bits == 4
     with pytest.raises(LessonError, match="per_layer names"):
         gptq.quantize_model(copy.deepcopy(tiny_llama), calibration, per_layer={"nope": (4, 32)}, group_size=32)
+
+
+def test_decode_rate_leaves_the_prefill_out():
+    """ExLlamaV2's generator times prefill and decode together; the lesson subtracts a one-token run."""
+    from quantlesson import LessonError, exl2
+
+    def run(new_tokens: int) -> float:  # 0.5 s of prefill, then 10 ms per token
+        return 0.5 + 0.01 * new_tokens
+
+    assert exl2.decode_rate(run, 129) == pytest.approx(100.0)
+    with pytest.raises(LessonError, match="at least 2"):
+        exl2.decode_rate(run, 1)

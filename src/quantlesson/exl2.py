@@ -99,7 +99,7 @@ class ExLlamaV2Model(torch.nn.Module):
         return types.SimpleNamespace(logits=logits.float())
 
     def decode_speed(self, prompt: torch.Tensor, new_tokens: int = 128) -> float:
-        """Greedy tokens per second with ExLlamaV2's dynamic generator (unpaged: no flash-attn needed)."""
+        """Greedy decode tokens per second with ExLlamaV2's dynamic generator (unpaged: no flash-attn needed), prefill excluded."""
         from exllamav2 import ExLlamaV2Tokenizer
         from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
@@ -117,4 +117,15 @@ class ExLlamaV2Model(torch.nn.Module):
             return time.perf_counter() - start
 
         run(new_tokens)  # warm-up: the same work once, untimed
-        return new_tokens / run(new_tokens)
+        return decode_rate(run, new_tokens)
+
+
+def decode_rate(run, new_tokens: int) -> float:
+    """Tokens per second of decoding alone: ``run(n)`` times a prompt's prefill and ``n`` new tokens.
+
+    The prefill costs the same in both runs, so the difference of a run of ``new_tokens`` and a run of
+    one token is the time of ``new_tokens - 1`` decode steps.
+    """
+    if new_tokens < 2:
+        raise LessonError(f"new_tokens={new_tokens}: decode speed needs at least 2 new tokens (one is the prefill's).")
+    return (new_tokens - 1) / (run(new_tokens) - run(1))
