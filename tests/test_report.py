@@ -49,3 +49,13 @@ def test_plot_without_tags_and_with_many_groups(tmp_path):
     legend = ax.get_legend()
     assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # beside the axes, not over the points
     assert len(report.plot(table).texts) == 10  # tagged by default
+
+
+def test_rows_without_a_group_size_are_replaced_not_repeated(tmp_path):
+    """A missing group size reads back from the CSV as NaN, and 128 as 128.0: both must match the new row's key."""
+    path = tmp_path / "r.csv"
+    for kld in (0.3, 0.2, 0.1):
+        report.record(path, episode="e", model="m", method="GGUF Q4_0", bits=4, group_size=None, kld=kld, hardware="cpu")
+        report.record(path, episode="e", model="m", method="GPTQ", bits=4, group_size=128, kld=kld, hardware="cpu")
+    table = report.read(path)
+    assert len(table) == 2 and list(table["kld"].astype(float)) == [0.1, 0.1]

@@ -8,6 +8,7 @@ renamed, so an interrupted run never leaves half a table.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
@@ -60,6 +61,19 @@ def read(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
+def _key_strings(table: pd.DataFrame) -> pd.DataFrame:
+    """The key columns as comparable text: a missing value is "", and 128.0 read back from a CSV is "128"."""
+
+    def text(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+    return table[KEY].astype(object).map(text)
+
+
 def record(path: str | Path, **row) -> None:
     """Add (or replace) one row of the table at ``path`` (read it back with :func:`read`).
 
@@ -77,7 +91,7 @@ def record(path: str | Path, **row) -> None:
     table = read(path)
     new = pd.DataFrame([{column: row.get(column) for column in COLUMNS}])
     if len(table):
-        same = (table[KEY].astype(str) == new[KEY].astype(str).iloc[0]).all(axis=1)
+        same = (_key_strings(table) == _key_strings(new).iloc[0]).all(axis=1)
         table = table[~same]
     table = pd.concat([table.astype(object), new.astype(object)], ignore_index=True).reindex(columns=COLUMNS)
     path.parent.mkdir(parents=True, exist_ok=True)
