@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
+from quantlesson import compat
 from quantlesson.errors import LessonError
 from quantlesson.models import no_gpu_message
 
 
 def available() -> bool:
     """True if ExLlamaV2 can run here; otherwise print why not (no GPU, or not installed) and return False."""
-    from quantlesson import compat
-
     if not torch.cuda.is_available():
         print(no_gpu_message("ExLlamaV2"))
         return False
@@ -45,8 +44,6 @@ def write_calibration(texts: list[str], path: str | Path) -> Path:
 
 
 def _convert(*arguments: str) -> str:
-    from quantlesson import compat
-
     compat.exllamav2_causal_attention()  # the converter's forward passes need causal attention too
     command = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", *arguments]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -57,8 +54,6 @@ def _convert(*arguments: str) -> str:
 
 def measure(model_folder: Path, work: Path, calibration: Path, length: int = 256, rows: int = 16) -> Path:
     """The measurement pass alone: every layer's error under every candidate setting, saved as JSON."""
-    from quantlesson import compat
-
     compat.exllamav2_rope_theta(model_folder)  # transformers 5 moved rope_theta where ExLlamaV2 does not look
     out = work / "measurement.json"
     _convert("-i", str(model_folder), "-o", str(work / "measuring"), "-nr", "-om", str(out), "-c", str(calibration),
@@ -80,8 +75,6 @@ class ExLlamaV2Model(torch.nn.Module):
 
     def __init__(self, folder: str | Path, max_seq_len: int = 2048):
         super().__init__()
-        from quantlesson import compat
-
         compat.exllamav2_causal_attention()
         compat.exllamav2_rope_theta(folder)  # also for an unquantized folder, which the converter never saw
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
