@@ -179,21 +179,16 @@ def test_exllamav2_sdpa_attention_still_sees_later_tokens(tmp_path):
         pytest.skip("flash-attn is installed: ExLlamaV2 does not take the faulty SDPA branch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantlesson import compat
+    from quantlesson import exl2
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
                          initializer_range=0.1)  # fmt: skip
     LlamaForCausalLM(config).half().save_pretrained(tmp_path)
-    compat.exllamav2_rope_theta(tmp_path)
+    model = exl2.ExLlamaV2Model(tmp_path, max_seq_len=256).model  # the lesson's loader (it applies the workaround)
     import exllamav2.attn as attn
-    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
-    exl2_config = ExLlamaV2Config(str(tmp_path))
-    exl2_config.max_seq_len = 256
-    model = ExLlamaV2(exl2_config)
-    model.load_autosplit(ExLlamaV2Cache(model, max_seq_len=256, lazy=True), progress=False)
     ids = torch.randint(0, 4096, (1, 32))
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % 4096

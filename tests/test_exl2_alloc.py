@@ -74,3 +74,13 @@ def test_decode_rate_leaves_the_prefill_out():
     assert exl2.decode_rate(run, 129) == pytest.approx(100.0)
     with pytest.raises(LessonError, match="at least 2"):
         exl2.decode_rate(run, 1)
+
+
+def test_gpu_bytes_leave_the_embedding_table_on_the_cpu():
+    from quantlesson import LessonError, exl2, models
+
+    config = models.twin_config("Llama-3.2-1B")
+    table = config.vocab_size * config.hidden_size * 2  # float16
+    assert exl2.gpu_bytes_per_token(1.22e9, config) == pytest.approx(1.22e9 - table)
+    with pytest.raises(LessonError, match="whole EXL2 folder"):
+        exl2.gpu_bytes_per_token(1220.0, config)  # megabytes passed by mistake

@@ -34,6 +34,20 @@ def available() -> bool:
     return True
 
 
+def gpu_bytes_per_token(size_on_disk: float, config) -> float:
+    """Bytes of an EXL2 model the GPU reads per decoded token: the folder's size less the embedding table.
+
+    ExLlamaV2 keeps the token-embedding table (float16, ``vocab_size x hidden_size``) in CPU memory and
+    looks up one row per token there; the layers and the head are read on the GPU. ``config`` is the
+    model's transformers config (for a shape twin: ``models.twin_config(name)``).
+    """
+    embedding = config.vocab_size * config.hidden_size * 2
+    if size_on_disk <= embedding:
+        raise LessonError(f"{size_on_disk:.0f} bytes is no larger than the embedding table alone ({embedding} bytes): "
+                          "pass the size of the whole EXL2 folder, in bytes.")  # fmt: skip
+    return size_on_disk - embedding
+
+
 def write_calibration(texts: list[str], path: str | Path) -> Path:
     """ExLlamaV2 reads calibration text from a Parquet file: one text per row."""
     import pandas as pd

@@ -127,7 +127,9 @@ def plot(
     rows = rows[rows[y].astype(float) > 0] if logy else rows
     for method, group in rows.groupby(label, sort=False):
         ax.plot(group[x].astype(float), group[y].astype(float), "o", label=str(method), alpha=0.85)
-        for _, r in group.iterrows() if annotate else ():
+        if not annotate:
+            continue
+        for _, r in group.iterrows():
             tag = f"{int(r['bits'])}b" if pd.notna(r.get("bits")) and str(r.get("bits")) != "" else ""
             if pd.notna(r.get("group_size")) and str(r.get("group_size")) not in ("", "nan"):
                 tag += f" g{r['group_size']}"
