@@ -193,17 +193,16 @@ def test_exllamav2_sdpa_attention_still_sees_later_tokens(tmp_path):
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % 4096
 
-    def change_at_position_0() -> float:
+    def change_at_position_0(sdpa: bool) -> float:
+        attn.has_lower_right_sdpa, model.config.no_sdpa = sdpa, not sdpa  # the module's switch and the config's
         return (model.forward(ids)[0, 0].float() - model.forward(changed)[0, 0].float()).abs().max().item()
 
-    default = attn.has_lower_right_sdpa
+    default = attn.has_lower_right_sdpa, model.config.no_sdpa
     try:
-        attn.has_lower_right_sdpa = True  # the library's choice wherever PyTorch has SDPA
-        leak = change_at_position_0()
-        attn.has_lower_right_sdpa = False  # what compat.exllamav2_causal_attention selects
-        fixed = change_at_position_0()
+        leak = change_at_position_0(sdpa=True)  # the library's choice wherever PyTorch has SDPA
+        fixed = change_at_position_0(sdpa=False)  # what compat.exllamav2_causal_attention selects
     finally:
-        attn.has_lower_right_sdpa = default
+        attn.has_lower_right_sdpa, model.config.no_sdpa = default
     print(f"position 0 moves by {leak:.3g} through SDPA, {fixed:.3g} through the masked path")
     assert fixed <= 1e-3, "the masked attention path should be causal"
     assert leak > 1e-3, "ExLlamaV2's SDPA path is causal now: compat.exllamav2_causal_attention can go"

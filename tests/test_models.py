@@ -28,6 +28,20 @@ def test_a_local_folder_loads(embedded, tmp_path):
     assert torch.equal(again.model.norm.weight, model.model.norm.weight)
 
 
+def test_rows_name_the_embedded_model_also_when_it_is_a_copied_folder(embedded, tmp_path):
+    from quantlesson import embedded as builder
+
+    copy = tmp_path / "copy"
+    model, tokenizer = embedded
+    model.save_pretrained(copy)
+    tokenizer.save_pretrained(copy)
+    assert models.label(str(copy)) == str(copy)  # any saved model: named by its path
+    (copy / "recipe.json").write_text((builder.ensure_built(progress=False) / "recipe.json").read_text())
+    assert models.label(str(copy)) == "embedded"  # the embedded model carried to another machine as a folder
+    assert models.label("embedded") == "embedded"
+    assert models.label("facebook/opt-125m") == "facebook/opt-125m"
+
+
 def test_a_missing_folder_says_so(tmp_path):
     with pytest.raises(LessonError, match="does not exist"):
         models.load(str(tmp_path / "no-such-model"))

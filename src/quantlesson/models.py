@@ -38,6 +38,16 @@ def chosen_model() -> str:
     return os.environ.get("LESSON_MODEL", "").strip() or DEFAULT_MODEL
 
 
+def label(model_id: str | None = None) -> str:
+    """The model's name in result rows: ``"embedded"`` for the embedded model, also when it is given as a
+    copied folder (it holds the ``recipe.json`` that :mod:`quantlesson.embedded` writes); else the id itself."""
+    model_id = model_id or chosen_model()
+    recipe = Path(model_id).expanduser() / "recipe.json"
+    if model_id == EMBEDDED or (recipe.is_file() and "recipe" in json.loads(recipe.read_text())):
+        return EMBEDDED
+    return model_id
+
+
 def default_device() -> str:
     """``"cuda"`` where an NVIDIA (or ROCm) GPU is visible, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
