@@ -137,16 +137,20 @@ def test_exllamav2_rope_theta_is_copied_where_exllamav2_reads_it(tmp_path, embed
     assert not compat.exllamav2_rope_theta(tmp_path)  # once is enough
 
 
-def test_exllamav2_still_reads_only_the_top_level_rope_theta():
-    """Where ExLlamaV2 is installed, its config reader still looks only for the top-level key."""
+def _exllamav2_source(module_file: str) -> str:
+    """One file of the installed exllamav2, as text (reading it needs no GPU); skip where it is not installed."""
     import importlib.util
+    from pathlib import Path
 
     spec = importlib.util.find_spec("exllamav2")
     if spec is None:
         pytest.skip("exllamav2 is not installed here (it needs an NVIDIA GPU)")
-    from pathlib import Path
+    return (Path(spec.origin).parent / module_file).read_text()
 
-    source = (Path(spec.origin).parent / "config.py").read_text()
+
+def test_exllamav2_still_reads_only_the_top_level_rope_theta():
+    """Where ExLlamaV2 is installed, its config reader still looks only for the top-level key."""
+    source = _exllamav2_source("config.py")
     assert '"rope_theta"' in source and "rope_parameters" not in source
 
 
@@ -210,11 +214,5 @@ def test_exllamav2_sdpa_attention_still_sees_later_tokens(tmp_path):
 
 def test_exllamav2_sdpa_branch_still_drops_the_causal_mask():
     """Where ExLlamaV2 is installed (no GPU needed to read it): the SDPA branch still takes the block-diagonal mask."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("exllamav2")
-    if spec is None:
-        pytest.skip("exllamav2 is not installed here (it needs an NVIDIA GPU)")
-    source = (Path(spec.origin).parent / "attn.py").read_text()
+    source = _exllamav2_source("attn.py")
     assert "if self.layer_idx in attn_params.block_diag_layers or causal:" in source

@@ -42,3 +42,22 @@ def test_decomposition_rescues_the_outliers(with_outliers):
     exact = X @ W.T
     error = lambda threshold: ((llm_int8.int8_matmul(X, W, threshold) - exact).norm() / exact.norm()).item()
     assert error(6.0) < error(0.0) / 3  # without the decomposition the outliers set every row's scale
+
+
+def test_bits_per_weight_counts_what_bitsandbytes_stores(embedded, tmp_path):
+    """int8 codes plus bitsandbytes' per-row float32 scales (``SCB``), on the embedded model loaded in 8 bits."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from quantlesson import models
+
+    model, tokenizer = embedded
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    int8, _ = models.load(str(tmp_path), quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu",
+                          dtype=torch.float16)  # fmt: skip
+    layers = [m for m in int8.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    stored = sum(m.weight.numel() * m.weight.element_size() + m.weight.SCB.numel() * m.weight.SCB.element_size() for m in layers)
+    weights = sum(m.in_features * m.out_features for m in layers)
+    assert len(layers) == 7 * len(models.decoder_layers(int8))
+    assert llm_int8.bits_per_weight(layers) == pytest.approx(8 * stored / weights)

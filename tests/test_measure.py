@@ -143,3 +143,23 @@ def test_peak_memory_counts_a_copy_after_temporaries_were_freed():
     copy_bytes = 4 * (2 * 4096 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768))  # embeddings, head, layers
     for increase in map(int, result.stdout.split()):
         assert increase >= 0.8 * copy_bytes  # every copy shows, though freed memory was at hand
+
+
+def test_the_bandwidth_behind_a_speed_table_is_recovered(tiny_llama):
+    """speed.measured_bandwidth reads back the bandwidth a benchmark's bounds were computed with."""
+    import pandas as pd
+
+    from quantlesson import speed
+
+    ids = torch.randint(0, 128, (1, 8))
+    run = measure.static_decode_speed(tiny_llama, ids, new_tokens=4, graph=False, check_tokens=4, bandwidth=3e10)
+    table = pd.DataFrame([{"roofline_tokens_per_s": run.roofline_tokens_per_s, "gb_per_step": run.bytes_per_step / 1e9}])
+    assert speed.measured_bandwidth(table) == pytest.approx(3e10)
+
+
+def test_peak_memory_also_times_its_block():
+    import time
+
+    with measure.PeakMemory() as memory:
+        time.sleep(0.05)
+    assert 0.05 <= memory.seconds < 5

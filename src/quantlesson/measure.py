@@ -253,11 +253,11 @@ def _release_freed_memory() -> None:
 
 
 class PeakMemory:
-    """Context manager: the peak memory while its block runs.
+    """Context manager: the peak memory while its block runs, and how long the block took.
 
     On a GPU, ``torch.cuda.max_memory_allocated`` (tensors only); on a CPU, the
     process's resident set size sampled every 5 ms. ``peak`` and ``increase``
-    are in bytes. On Linux the C library first hands memory that was freed
+    are in bytes, ``seconds`` is the block's wall-clock time. On Linux the C library first hands memory that was freed
     earlier back to the system (``malloc_trim``): otherwise new tensors reuse
     it and the block's memory would not show as an increase.
 
@@ -272,6 +272,7 @@ class PeakMemory:
         self.interval = interval
         self.peak = 0
         self.start = 0
+        self.seconds = 0.0
 
     def _rss(self) -> int:
         import psutil
@@ -294,13 +295,16 @@ class PeakMemory:
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
+        self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self.seconds = time.perf_counter() - self._started
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
+            self.seconds = time.perf_counter() - self._started
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, self._rss())

@@ -49,6 +49,11 @@ def _row(name: str, weights: str, speed: measure.DecodeSpeed) -> dict:
     }
 
 
+def measured_bandwidth(runs: pd.DataFrame) -> float:
+    """The bandwidth (bytes/s) a :func:`decode_benchmark` table's bounds were computed with: bound x bytes per step."""
+    return float((runs["roofline_tokens_per_s"] * runs["gb_per_step"] * 1e9).iloc[0])
+
+
 def decode_benchmark(
     twin: str, bandwidth: float, batches: tuple[int, ...] = (1,), new_tokens: int = 128, prompt_tokens: int = 64,
     int4_group_size: int = 128, compile: bool = True, plain_generate: bool = True,

@@ -43,3 +43,10 @@ def int8_matmul(X: torch.Tensor, W: torch.Tensor, threshold: float = 6.0) -> tor
         W_outlier = qw[:, columns].float() * (sw[:, None] / 127)  # the weight's int8 columns, dequantized
         Y += X[:, columns].float() @ W_outlier.T
     return Y
+
+
+def bits_per_weight(layers) -> float:
+    """Storage per weight of int8 ``nn.Linear`` layers: 8 bits of code plus one float32 scale per output row."""
+    layers = list(layers)
+    weights = sum(layer.in_features * layer.out_features for layer in layers)
+    return 8 + 32 * sum(layer.out_features for layer in layers) / weights
