@@ -28,18 +28,38 @@ def test_a_local_folder_loads(embedded, tmp_path):
     assert torch.equal(again.model.norm.weight, model.model.norm.weight)
 
 
-def test_rows_name_the_embedded_model_also_when_it_is_a_copied_folder(embedded, tmp_path):
+@pytest.fixture
+def saved_copy(embedded, tmp_path):
+    """The embedded model and tokenizer saved to a folder of their own, as if carried to another machine."""
+    model, tokenizer = embedded
+    model.save_pretrained(tmp_path / "copy")
+    tokenizer.save_pretrained(tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def _with_recipe(folder):
     from quantlesson import embedded as builder
 
-    copy = tmp_path / "copy"
-    model, tokenizer = embedded
-    model.save_pretrained(copy)
-    tokenizer.save_pretrained(copy)
-    assert models.label(str(copy)) == str(copy)  # any saved model: named by its path
-    (copy / "recipe.json").write_text((builder.ensure_built(progress=False) / "recipe.json").read_text())
-    assert models.label(str(copy)) == "embedded"  # the embedded model carried to another machine as a folder
+    (folder / "recipe.json").write_text((builder.ensure_built(progress=False) / "recipe.json").read_text())
+    return folder
+
+
+def test_rows_name_the_embedded_model_also_when_it_is_a_copied_folder(saved_copy):
+    assert models.label(str(saved_copy)) == str(saved_copy)  # any saved model: named by its path
+    _with_recipe(saved_copy)
+    assert models.label(str(saved_copy)) == "embedded"  # the embedded model carried to another machine as a folder
     assert models.label("embedded") == "embedded"
     assert models.label("facebook/opt-125m") == "facebook/opt-125m"
+
+
+def test_a_copied_embedded_model_keeps_its_results_table(saved_copy, monkeypatch):
+    from quantlesson import report
+
+    monkeypatch.delenv("LESSON_RESULTS", raising=False)
+    monkeypatch.setenv("LESSON_MODEL", str(_with_recipe(saved_copy)))
+    assert report.results_folder().name == "embedded"
+    monkeypatch.setenv("LESSON_MODEL", "facebook/opt-125m")
+    assert report.results_folder().name == "facebook--opt-125m"
 
 
 def test_a_missing_folder_says_so(tmp_path):

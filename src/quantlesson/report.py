@@ -27,13 +27,14 @@ KEY = ["episode", "model", "method", "bits", "group_size", "hardware"]
 
 
 def results_folder(model: str | None = None) -> Path:
-    """Where this machine keeps result tables: ``$LESSON_RESULTS``, else ``~/.cache/quantlesson/results/<model>``."""
+    """Where this machine keeps result tables: ``$LESSON_RESULTS``, else ``~/.cache/quantlesson/results/<model>``
+    (``<model>`` as :func:`quantlesson.models.label` names it)."""
     from quantlesson.embedded import cache_root
-    from quantlesson.models import chosen_model
+    from quantlesson.models import label
 
     configured = os.environ.get("LESSON_RESULTS")
     root = Path(configured).expanduser() if configured else cache_root() / "results"
-    return root / (model or chosen_model()).replace("/", "--")
+    return root / (model or label()).replace("/", "--")
 
 
 def hardware() -> str:
