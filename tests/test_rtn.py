@@ -107,3 +107,58 @@ def test_fitting_group_size_falls_back_to_a_divisor(capsys):
     assert rtn.fitting_group_size(Two(768)) == 128
     assert rtn.fitting_group_size(Two(576)) == 64  # SmolLM2-135M's hidden size
     assert "using groups of 64" in capsys.readouterr().out
+
+
+def test_all_zero_group_gives_zero_point_0_as_compressed_tensors_does():
+    """An all-zero group has range 0: its scale becomes eps and its zero-point 0, not 0/0 = NaN."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 64)
+    w[1, 32:] = 0  # one all-zero group
+    w[2] = 0  # a whole zero row
+    args = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    groups = rtn.grouped(w, 32)
+    lib_scale, lib_zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    codes, scale, zero = rtn.quantize_weight(w, 4, 32, symmetric=False)
+    assert torch.equal(scale, lib_scale) and torch.equal(zero, lib_zero.float())
+    restored = rtn.fake_quantize(w, 4, 32, symmetric=False)
+    assert torch.isfinite(restored).all()
+    assert torch.equal(restored[w == 0], w[w == 0])  # the zeros stay exactly zero
+
+
+def test_tensors_follow_the_weights_device():
+    """Nothing is created on the CPU behind the caller's back: a meta weight gives meta codes, scales and zeros."""
+    w = torch.randn(8, 64, device="meta")
+    for symmetric in (True, False):
+        codes, scale, zero = rtn.quantize_weight(w, 4, 32, symmetric)
+        assert {codes.device.type, scale.device.type, zero.device.type} == {"meta"}
+        assert rtn.fake_quantize(w, 4, 32, symmetric).device.type == "meta"
+    layer = rtn.QuantLinear.from_linear(torch.nn.Linear(64, 8, device="meta"), 4, 32, symmetric=False)
+    assert {t.device.type for t in layer.buffers()} == {"meta"}
+
+
+BAD_INPUTS = [
+    (lambda: rtn.quantize_weight(torch.randn(64)), "expected a 2-D weight [out, in]"),
+    (lambda: rtn.quantize_weight(torch.randn(2, 8, 64)), "expected a 2-D weight [out, in]"),
+    (lambda: rtn.fake_quantize(torch.randn(64)), "per_tensor=True"),
+    (lambda: rtn.quantize_weight(torch.randn(4, 64), group_size=0), "positive number of columns"),
+    (lambda: rtn.quantize_weight(torch.randn(4, 64), group_size=-32), "positive number of columns"),
+    (lambda: rtn.quantize_weight(torch.randn(4, 64), bits=1), "2 to 8 bits"),
+    (lambda: rtn.quantize_weight(torch.randn(4, 64), bits=4.5), "2 to 8 bits"),
+    (lambda: rtn.quantize_weight(torch.full((4, 64), float("nan"))), "NaN or infinite"),
+    (lambda: rtn.quantize_weight(torch.randint(-8, 8, (4, 64))), "floating-point"),
+    (lambda: rtn.quantize_weight(torch.zeros(4, 0)), "empty"),
+    (lambda: rtn.quantize_weight(torch.randn(4, 64), clip=0.0), "clip"),
+    (lambda: rtn.quantize_weight(torch.randn(4, 64), clip=1.5), "clip"),
+    (lambda: rtn.pack_int4(torch.zeros(1, 3, dtype=torch.int8)), "even number of codes"),
+    (lambda: rtn.QuantLinear.from_linear(torch.nn.Linear(64, 8), bits=9), "2 to 8 bits"),
+]
+
+
+@pytest.mark.parametrize("call,phrase", BAD_INPUTS, ids=range(len(BAD_INPUTS)))
+def test_bad_input_is_a_lesson_error_that_says_what_to_do(call, phrase):
+    with pytest.raises(LessonError) as caught:
+        call()
+    assert phrase in str(caught.value)

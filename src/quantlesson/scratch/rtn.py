@@ -27,13 +27,32 @@ BITS = range(2, 9)
 
 def check(bits: int, group_size: int | None, in_features: int) -> None:
     """Raise a clear :class:`LessonError` for a bit width or group size this code cannot use."""
-    if bits not in BITS:
+    if bits not in BITS or not isinstance(bits, int):
         raise LessonError(f"bits={bits} is not supported: round-to-nearest here takes 2 to 8 bits.")
-    if group_size is not None and (group_size < 1 or in_features % group_size):
+    if group_size is not None and group_size < 1:
+        raise LessonError(f"group_size={group_size}: a group is a positive number of columns, such as 32, 64 or 128 (None: one group per row).")
+    if group_size is not None and in_features % group_size:
         raise LessonError(
             f"group_size={group_size} does not divide the layer's {in_features} input columns: "
             "use a divisor such as 32, 64 or 128, or None for one group per row."
         )
+
+
+def check_weight(w: torch.Tensor, clip: float = 1.0) -> None:
+    """Raise a clear :class:`LessonError` for a tensor that is not a real-valued ``[out, in]`` weight."""
+    if w.dim() != 2:
+        raise LessonError(
+            f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}: pass a linear layer's weight, "
+            "reshape it with w.reshape(w.shape[0], -1), or use fake_quantize(w, per_tensor=True) for any shape."
+        )
+    if not w.is_floating_point():
+        raise LessonError(f"expected a floating-point weight, got {w.dtype}: pass the real-valued weight, not codes.")
+    if w.numel() == 0:
+        raise LessonError(f"the weight of shape {tuple(w.shape)} is empty: there is nothing to quantize.")
+    if not w.is_meta and not torch.isfinite(w).all():  # a meta tensor has no values to check
+        raise LessonError("the weight holds NaN or infinite values, which would spoil their whole group: fix the model first.")
+    if not 0 < clip <= 1:
+        raise LessonError(f"clip={clip}: the fraction of each group's range to keep must be in (0, 1]; 1 keeps it all.")
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -53,6 +72,7 @@ def scale_zero(w_min: torch.Tensor, w_max: torch.Tensor, bits: int, symmetric: b
     else:
         scale = (w_max - w_min) / levels
         zero = torch.clamp(qmin - w_min / scale, qmin, qmax)
+        zero = torch.where(scale == 0, 0.0, zero)  # an all-zero group: 0/0; zero-point 0, as compressed-tensors gives
     scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
     return scale, torch.round(zero)
 
@@ -81,6 +101,7 @@ def quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int | None = Non
     ``clip < 1`` shrinks each group's range before the scale is computed (clipping):
     the extreme weights saturate, the rest get a finer step.
     """
+    check_weight(w, clip)
     check(bits, group_size, w.shape[1])
     groups = grouped(w.float(), group_size)  # [out, n_groups, g]
     scale, zero = scale_zero(clip * groups.amin(-1), clip * groups.amax(-1), bits, symmetric)  # [out, n_groups]
