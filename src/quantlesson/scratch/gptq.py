@@ -97,6 +97,20 @@ def column_order(h: torch.Tensor, group_size: int, act_order: bool, static_group
     return (within.indices + first_column)[groups].reshape(-1)
 
 
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, static_groups: bool) -> torch.Tensor:
+    """Codes of one column ``[rows]``, rounded as each library rounds them.
+
+    llm-compressor (compressed-tensors) rounds ``w / scale + zero``; GPTQModel rounds
+    ``w / scale``, then adds ``zero``. They differ only for a weight exactly halfway
+    between two levels with an odd zero-point (ties go to the even integer), which
+    bfloat16's coarse weights make common enough to matter: GPTQ spreads every difference on.
+    """
+    if static_groups:
+        return rtn.quantize(w, scale, zero, bits)
+    qmin, qmax = rtn.qrange(bits)
+    return torch.clamp(torch.round(w / scale) + zero, qmin, qmax).to(torch.int8)
+
+
 def gptq(
     W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
     act_order: bool = False, block_size: int = 128, percdamp: float = 0.01, static_groups: bool = True,
@@ -109,6 +123,7 @@ def gptq(
     ``W``'s dtype (llm-compressor: bfloat16 weights give bfloat16 scales, used and
     returned as such); ``False`` refits them in float32 from the error-updated weights
     when the quantizer reaches the group's first column (GPTQModel, the reference code).
+    Each mode also rounds as its library does (:func:`quantize_column`).
     ``act_order`` quantizes the most active inputs first (:func:`column_order`).
     """
     if W.ndim != 2 or H.ndim != 2:
@@ -141,7 +156,7 @@ def gptq(
                 # (a group that starts inside the block misses the block's own updates so far).
                 scale[:, g], zero[:, g] = rtn.scale_zero(W[:, j:j + size].amin(1), W[:, j:j + size].amax(1), bits, symmetric)
             w, d = W1[:, i], Hinv1[i, i]  # [rows], scalar
-            q = rtn.quantize(w, scale[:, g], zero[:, g], bits)  # [rows] codes
+            q = quantize_column(w, scale[:, g], zero[:, g], bits, static_groups)  # [rows] codes
             err = (w - rtn.dequantize(q, scale[:, g], zero[:, g])) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # spread the error over the remaining columns
             Err1[:, i], Q[:, j] = err, q
