@@ -84,3 +84,55 @@ def test_gpu_bytes_leave_the_embedding_table_on_the_cpu():
     assert exl2.gpu_bytes_per_token(1.22e9, config) == pytest.approx(1.22e9 - table)
     with pytest.raises(LessonError, match="whole EXL2 folder"):
         exl2.gpu_bytes_per_token(1220.0, config)  # megabytes passed by mistake
+
+
+def test_a_layer_with_an_all_zero_group_still_gets_its_bits(tiny_llama):
+    """An all-zero group once made round-to-nearest return NaN, and the NaN errors cut the layer's
+    frontier down to its cheapest setting: with bits to spare it stayed at 2 bits."""
+    model = copy.deepcopy(tiny_llama)
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight[3, :32] = 0
+    settings = [(bits, group) for bits in (2, 4, 8) for group in (32, 64)]
+    m = exl2_alloc.measure(model, torch.randint(0, 128, (4, 64)), settings=settings, progress=False)
+    assert m["error"].notna().all()
+    assert exl2_alloc.allocate(m, 100).settings[name] == (8, 32)  # the best setting, as for every other layer
+
+
+def test_output_error_of_an_all_zero_layer_is_zero_not_nan():
+    W, H = torch.zeros(4, 8), torch.eye(8)
+    assert exl2_alloc.output_error(W, W.clone(), H) == 0.0
+
+
+def _measurement_with_nan():
+    m = toy_measurement()
+    m.loc[1, "error"] = float("nan")
+    return m
+
+
+BAD_INPUTS = [
+    (lambda: exl2_alloc.allocate(_measurement_with_nan(), 4.0), "NaN"),
+    (lambda: exl2_alloc.allocate(toy_measurement().iloc[0:0], 4.0), "empty"),
+    (lambda: exl2_alloc.allocate(toy_measurement().drop(columns="weights"), 4.0), "weights"),
+    (lambda: exl2_alloc.allocate(toy_measurement(), float("nan")), "target_bpw"),
+    (lambda: exl2_alloc.cost(4, 0), "group_size"),
+    (lambda: exl2_alloc.output_error(torch.randn(4, 8), torch.randn(4, 8), torch.eye(6)), "[in, in]"),
+    (lambda: exl2_alloc.measure(torch.nn.Linear(8, 8), torch.randn(2, 16), progress=False), "token ids"),
+    (lambda: exl2_alloc.measure(torch.nn.Linear(8, 8), torch.randint(0, 8, (16,)), progress=False), "[n, tokens]"),
+]
+
+
+@pytest.mark.parametrize("call,phrase", BAD_INPUTS, ids=range(len(BAD_INPUTS)))
+def test_bad_input_is_a_lesson_error_that_says_what_to_do(call, phrase):
+    with pytest.raises(LessonError) as caught:
+        call()
+    assert phrase in str(caught.value)
+
+
+def test_settings_are_checked_before_the_measurement(tiny_llama, monkeypatch):
+    def hessians(*args, **kwargs):
+        raise AssertionError("the calibration pass ran before the settings were checked")
+
+    monkeypatch.setattr(exl2_alloc, "hessians", hessians)
+    with pytest.raises(LessonError, match="does not divide"):
+        exl2_alloc.measure(tiny_llama, torch.ones(1, 8, dtype=torch.long), settings=[(4, 96)], progress=False)

@@ -14,6 +14,7 @@ columns at 5 bits with 90 % at 4); the allocation works the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -27,20 +28,29 @@ SETTINGS = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 
 
 def cost(bits: int, group_size: int) -> float:
     """Bits per weight of a setting: the codes plus a 16-bit scale and a 16-bit zero-point per group."""
+    if group_size < 1:
+        raise LessonError(f"group_size={group_size}: a group is a positive number of columns, such as 32 or 128.")
     return bits + 32 / group_size
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """Relative output error ``tr(dW H dW^T) / tr(W H W^T)``: how much the layer's output changes, on calibration inputs."""
+    """Relative output error ``tr(dW H dW^T) / tr(W H W^T)``: how much the layer's output changes, on calibration inputs.
+
+    ``W`` and ``W_hat`` are ``[out, in]``, ``H`` is ``[in, in]``; an all-zero layer kept at zero has error 0.
+    """
+    if H.shape != (W.shape[1], W.shape[1]) or W_hat.shape != W.shape:
+        raise LessonError(f"output_error needs W and W_hat [out, in] and H [in, in]; got {tuple(W.shape)}, "
+                          f"{tuple(W_hat.shape)} and {tuple(H.shape)}: pass the Hessian of this layer's inputs.")  # fmt: skip
     delta = W_hat - W
-    return (torch.trace(delta @ H @ delta.T) / torch.trace(W @ H @ W.T)).item()
+    return (torch.trace(delta @ H @ delta.T) / torch.trace(W @ H @ W.T).clamp(min=torch.finfo(H.dtype).tiny)).item()
 
 
 @torch.no_grad()
 def hessians(model, calibration: torch.Tensor, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, torch.Tensor]:
     """Each linear layer's input Hessian ``2 X^T X / n`` on the calibration tokens ``[n, tokens]``, in one pass."""
+    check_calibration(calibration)
     layers = rtn.linear_layers(model, skip)
-    sums = {name: [torch.zeros(m.in_features, m.in_features), 0] for name, m in layers.items()}
+    sums = {name: [torch.zeros(m.in_features, m.in_features), 0] for name, m in layers.items()}  # on the CPU: one per layer
 
     def accumulate(name):
         def hook(module, args, output):
@@ -57,6 +67,15 @@ def hessians(model, calibration: torch.Tensor, skip: tuple[str, ...] = ("lm_head
     return {name: H / n for name, (H, n) in sums.items()}
 
 
+def check_calibration(calibration: torch.Tensor) -> None:
+    """Raise a clear :class:`LessonError` unless ``calibration`` is a batch of token ids ``[n, tokens]``."""
+    if calibration.dim() != 2:
+        raise LessonError(f"calibration must be [n, tokens], got shape {tuple(calibration.shape)}: "
+                          "use data.calibration_tokens(tokenizer), or add a batch dimension with ids[None].")  # fmt: skip
+    if calibration.is_floating_point() or calibration.is_complex():
+        raise LessonError(f"calibration holds {calibration.dtype} values, not token ids: use data.calibration_tokens(tokenizer).")
+
+
 def measure(model, calibration: torch.Tensor, settings=SETTINGS, method: str = "rtn", progress: bool = True) -> pd.DataFrame:
     """The measurement pass: one row per (layer, setting) with its bits per weight and output error.
 
@@ -67,6 +86,10 @@ def measure(model, calibration: torch.Tensor, settings=SETTINGS, method: str = "
 
     if method not in ("rtn", "gptq"):
         raise LessonError(f"method={method!r}: measure with 'rtn' or 'gptq'.")
+    check_calibration(calibration)
+    for linear in rtn.linear_layers(model).values():  # every setting must fit every layer: fail before the long pass
+        for bits, group in settings:
+            rtn.check(bits, group, linear.in_features)
     H = hessians(model, calibration)
     rows = []
     for name, linear in tqdm(rtn.linear_layers(model).items(), desc="measuring", disable=not progress):
@@ -80,6 +103,20 @@ def measure(model, calibration: torch.Tensor, settings=SETTINGS, method: str = "
             rows.append({"layer": name, "bits": bits, "group_size": group, "bpw": cost(bits, group),
                          "weights": W.numel(), "error": output_error(W, W_hat, H[name])})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def check_measurement(measurement: pd.DataFrame, target_bpw: float) -> None:
+    """Raise a clear :class:`LessonError` for a measurement or target that :func:`allocate` cannot use."""
+    missing = {"layer", "bits", "group_size", "bpw", "weights", "error"} - set(measurement.columns)
+    if missing:
+        raise LessonError(f"the measurement lacks the columns {sorted(missing)}: pass the table that measure() returns.")
+    if measurement.empty:
+        raise LessonError("the measurement is empty: run measure() on a model with linear layers first.")
+    bad = measurement.loc[measurement["error"].isna(), "layer"].unique()
+    if len(bad):
+        raise LessonError(f"the measurement has NaN errors in {list(bad)[:3]}: check those weights for NaN, then measure again.")
+    if math.isnan(target_bpw):
+        raise LessonError("target_bpw is NaN: give a number of bits per weight, such as 4.0.")
 
 
 def frontier(options: pd.DataFrame) -> pd.DataFrame:
@@ -100,6 +137,7 @@ class Allocation:
 def allocate(measurement: pd.DataFrame, target_bpw: float) -> Allocation:
     """Greedy allocation: start every layer at its cheapest setting, then keep buying the upgrade
     that removes the most error per extra bit, while the average stays within ``target_bpw``."""
+    check_measurement(measurement, target_bpw)
     fronts = {layer: frontier(rows).reset_index(drop=True) for layer, rows in measurement.groupby("layer", sort=False)}
     weights = {layer: int(rows["weights"].iloc[0]) for layer, rows in fronts.items()}
     total = sum(weights.values())
