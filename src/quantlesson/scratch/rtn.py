@@ -27,7 +27,7 @@ BITS = range(2, 9)
 
 def check(bits: int, group_size: int | None, in_features: int) -> None:
     """Raise a clear :class:`LessonError` for a bit width or group size this code cannot use."""
-    if bits not in BITS or not isinstance(bits, int):
+    if bits not in BITS:
         raise LessonError(f"bits={bits} is not supported: round-to-nearest here takes 2 to 8 bits.")
     if group_size is not None and group_size < 1:
         raise LessonError(f"group_size={group_size}: a group is a positive number of columns, such as 32, 64 or 128 (None: one group per row).")
