@@ -61,3 +61,42 @@ def test_bits_per_weight_counts_what_bitsandbytes_stores(embedded, tmp_path):
     weights = sum(m.in_features * m.out_features for m in layers)
     assert len(layers) == 7 * len(models.decoder_layers(int8))
     assert llm_int8.bits_per_weight(layers) == pytest.approx(8 * stored / weights)
+
+
+def test_leading_dimensions_are_flattened_into_rows(with_outliers):
+    """Activations [batch, tokens, features]: each token is a row, scaled over its features."""
+    X, W = with_outliers
+    X3 = X.reshape(4, 16, 512)
+    codes, absmax, columns = llm_int8.vectorwise_quantize(X3, 6.0)
+    lib_codes, lib_absmax, lib_columns = F.int8_vectorwise_quant(X.clone(), 6.0)
+    assert torch.equal(codes, lib_codes.reshape(4, 16, 512)) and torch.equal(absmax, lib_absmax.reshape(4, 16))
+    assert torch.equal(columns, lib_columns)
+    assert torch.equal(llm_int8.int8_matmul(X3, W), llm_int8.int8_matmul(X, W).reshape(4, 16, 256))
+
+
+def test_an_all_zero_row_gets_codes_0():
+    A = torch.randn(3, 64)
+    A[1] = 0
+    codes, absmax, _ = llm_int8.vectorwise_quantize(A)
+    assert absmax[1] == 0 and (codes[1] == 0).all()
+
+
+BAD_INPUTS = [
+    (lambda: llm_int8.vectorwise_quantize(torch.randn(64)), "expected a 2-D weight [out, in]"),
+    (lambda: llm_int8.int8_matmul(torch.randn(4, 64), torch.randn(64)), "expected a 2-D weight [out, in]"),
+    (lambda: llm_int8.int8_matmul(torch.randn(4, 64), torch.randn(8, 32)), "64 features"),
+    (lambda: llm_int8.vectorwise_quantize(torch.randn(4, 64), threshold=-1.0), "threshold"),
+    (lambda: llm_int8.vectorwise_quantize(torch.full((4, 64), float("nan"))), "NaN or infinite"),
+    (lambda: llm_int8.vectorwise_quantize(torch.randint(-8, 8, (4, 64))), "floating-point"),
+    (lambda: llm_int8.vectorwise_quantize(torch.zeros(0, 64)), "empty"),
+    (lambda: llm_int8.bits_per_weight([]), "no layers"),
+]
+
+
+@pytest.mark.parametrize("call,phrase", BAD_INPUTS, ids=range(len(BAD_INPUTS)))
+def test_bad_input_is_a_lesson_error_that_says_what_to_do(call, phrase):
+    from quantlesson import LessonError
+
+    with pytest.raises(LessonError) as caught:
+        call()
+    assert phrase in str(caught.value)
