@@ -76,6 +76,87 @@ def test_bad_input_gets_a_clear_error_and_no_file(weights, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_q8_0_rounds_like_c_roundf_just_below_a_half():
+    """0.49999997 (the float32 just below 0.5) rounds to 0 in C's roundf; floor(x + 0.5) gives 1 in float32."""
+    x = np.float32(0.49999997)
+    assert gguf_blocks.round_half_away(np.array([x, -x, 0.5, -0.5, 1.5, 2.5], dtype=np.float32)).tolist() == [0, 0, 1, -1, 2, 3]
+    block = np.zeros((1, 32), dtype=np.float32)
+    block[0, 0], block[0, 1] = 127, x  # d = 1: the second code is round(0.49999997)
+    assert np.array_equal(gguf_blocks.quantize_q8_0(block), gguf.quants.quantize(block, gguf.GGMLQuantizationType.Q8_0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_q8_0_is_byte_identical_on_values_next_to_halves(seed):
+    """Random blocks whose scaled values lie one float32 step either side of k + 0.5, where rounding is most fragile."""
+    rng = np.random.default_rng(seed)
+    halves = rng.integers(-127, 127, (64, 31)).astype(np.float32) + np.float32(0.5)
+    x = np.concatenate([np.full((64, 1), 127, np.float32), np.nextafter(halves, rng.choice([-np.inf, np.inf], halves.shape).astype(np.float32))], axis=1)
+    x *= rng.uniform(0.01, 2, (64, 1)).astype(np.float32)
+    assert np.array_equal(gguf_blocks.quantize_q8_0(x), gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0))
+
+
+def test_failed_write_leaves_no_partial_file(weights, tmp_path, monkeypatch):
+    """However writing stops (an error, Ctrl-C), neither the file nor <name>.partial is left behind."""
+    import builtins
+
+    real_open = builtins.open
+
+    class Interrupted:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise KeyboardInterrupt
+
+    for failure in ("write", "rename"):
+        with monkeypatch.context() as m:
+            if failure == "write":
+                m.setattr(builtins, "open", Interrupted)
+            else:
+                m.setattr(type(tmp_path), "replace", lambda self, target: (_ for _ in ()).throw(OSError("disk full")))
+            with pytest.raises((KeyboardInterrupt, OSError)):
+                gguf_blocks.write_gguf(tmp_path / "x.gguf", {"general.name": "toy"}, {"a": (weights, "Q8_0")})
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_tensors_are_accepted_from_any_device(weights):
+    """A torch weight (float32 or bfloat16, on a GPU or not) is brought to the CPU as float32 first."""
+    w = torch.from_numpy(weights)
+    assert np.array_equal(gguf_blocks.quantize_q8_0(w), gguf_blocks.quantize_q8_0(weights))
+    assert np.array_equal(gguf_blocks.quantize_q4_0(w.bfloat16()), gguf_blocks.quantize_q4_0(w.bfloat16().float().numpy()))
+
+
+BAD_INPUTS = [
+    (lambda w, p: gguf_blocks.quantize_q8_0(np.float32(1.0)), "multiple of 32"),
+    (lambda w, p: gguf_blocks.quantize_q8_0(np.full((2, 32), np.nan, np.float32)), "NaN or infinite"),
+    (lambda w, p: gguf_blocks.quantize_q4_0(w[:, :40]), "multiple of 32"),
+    (lambda w, p: gguf_blocks.dequantize_q8_0(gguf_blocks.quantize_q4_0(w)), "[n_blocks, 34]"),
+    (lambda w, p: gguf_blocks.dequantize_q4_0(gguf_blocks.quantize_q8_0(w)), "[n_blocks, 18]"),
+    (lambda w, p: gguf_blocks.write_gguf(p, {"n": -1}, {}), "uint32"),
+    (lambda w, p: gguf_blocks.write_gguf(p, {"n": 2**32}, {}), "uint32"),
+    (lambda w, p: gguf_blocks.write_gguf(p, {"x": 1e39}, {}), "float32"),
+    (lambda w, p: gguf_blocks.write_gguf(p, {3: "three"}, {}), "keys"),
+    (lambda w, p: gguf_blocks.write_gguf(p, {}, {"a": (w, "Q4_K")}), "Unknown tensor type"),
+    (lambda w, p: gguf_blocks.write_gguf(p, {"a": [1, 2]}, {}), "int, float, bool and str"),
+    (lambda w, p: gguf_blocks.write_gguf(p, {}, {"a": w}), "(array, type)"),
+]
+
+
+@pytest.mark.parametrize("call,phrase", BAD_INPUTS, ids=range(len(BAD_INPUTS)))
+def test_bad_input_is_a_lesson_error_that_says_what_to_do(weights, tmp_path, call, phrase):
+    with pytest.raises(LessonError) as caught:
+        call(weights, tmp_path / "x.gguf")
+    assert phrase in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- llama.cpp itself, through llama-cpp-python --------------------------------------------------
 
 llama_cpp = pytest.importorskip("llama_cpp")

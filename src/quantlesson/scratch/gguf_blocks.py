@@ -21,10 +21,12 @@ tensor (name, shape, type, offset); then, aligned to 32 bytes, the tensor data.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from quantlesson.errors import LessonError
 
@@ -33,16 +35,33 @@ ALIGNMENT = 32  # GGUF's default data alignment
 TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8}  # ggml type ids (ggml.h: enum ggml_type)
 
 
-def blocks_of(x: np.ndarray) -> np.ndarray:
+def as_array(x) -> np.ndarray:
+    """A float32 NumPy array from an array or a torch tensor (on any device, in any float dtype)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def blocks_of(x) -> np.ndarray:
     """View a float tensor as rows of 32-value blocks: ``[..., n] -> [n_blocks, 32]`` (float32)."""
-    if x.shape[-1] % BLOCK:
-        raise LessonError(f"Q8_0 and Q4_0 need rows that are a multiple of {BLOCK} values, not {x.shape[-1]}.")
-    return np.asarray(x, dtype=np.float32).reshape(-1, BLOCK)
+    x = as_array(x)
+    if x.ndim == 0 or x.shape[-1] % BLOCK:
+        raise LessonError(f"Q8_0 and Q4_0 need rows that are a multiple of {BLOCK} values, not shape {x.shape}: "
+                          "keep such tensors in F16 or F32.")  # fmt: skip
+    if not np.isfinite(x).all():
+        raise LessonError("the tensor holds NaN or infinite values, which would spoil their block's scale: fix them first.")
+    return x.reshape(-1, BLOCK)
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
-    """C's ``roundf``: halves round away from zero (NumPy's ``round`` rounds them to even)."""
-    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+    """C's ``roundf``: halves round away from zero (NumPy's ``round`` rounds them to even).
+
+    The whole part plus 1 where the fraction is at least 0.5: both steps are exact in float32,
+    while ``floor(|x| + 0.5)`` is not (0.49999997 + 0.5 rounds up to 1.0, and so would the code).
+    """
+    a = np.abs(x)
+    whole = np.floor(a)
+    return np.sign(x) * (whole + (a - whole >= np.float32(0.5)))
 
 
 def inverse(d: np.ndarray) -> np.ndarray:
@@ -59,8 +78,16 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
 
 
+def check_bytes(data: np.ndarray, kind: str, size: int) -> None:
+    """Raise a clear :class:`LessonError` unless ``data`` holds blocks of ``size`` bytes."""
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != size:
+        raise LessonError(f"{kind} data must be [n_blocks, {size}] bytes (uint8), got {data.dtype} {data.shape}: "
+                          f"pass what quantize_{kind.lower()} returned.")  # fmt: skip
+
+
 def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
     """``[n_blocks, 34]`` bytes -> ``[n_blocks, 32]`` floats: ``q * d``."""
+    check_bytes(data, "Q8_0", 34)
     d = data[:, :2].copy().view(np.float16).astype(np.float32)  # [n_blocks, 1]
     return data[:, 2:].view(np.int8).astype(np.float32) * d
 
@@ -77,6 +104,7 @@ def quantize_q4_0(x: np.ndarray) -> np.ndarray:
 
 def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
     """``[n_blocks, 18]`` bytes -> ``[n_blocks, 32]`` floats: ``(q - 8) * d``."""
+    check_bytes(data, "Q4_0", 18)
     d = data[:, :2].copy().view(np.float16).astype(np.float32)  # [n_blocks, 1]
     packed = data[:, 2:]  # [n_blocks, 16]
     q = np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=1).astype(np.int8) - 8
@@ -91,6 +119,7 @@ def bits_per_weight(type_size_bytes: int, block_size: int) -> float:
 # --- the file -------------------------------------------------------------------------------
 
 _VALUE_TYPES = {int: (4, "<I"), float: (6, "<f"), bool: (7, "<?"), str: (8, None)}  # uint32, float32, bool, string
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _string(text: str) -> bytes:
@@ -103,6 +132,10 @@ def _value(value) -> bytes:
     kind = type(value)
     if kind not in _VALUE_TYPES:
         raise LessonError(f"This writer stores int, float, bool and str metadata, not {kind.__name__}.")
+    if kind is int and not 0 <= value < 2**32:
+        raise LessonError(f"{value} does not fit GGUF's uint32 (0 to 4294967295), the type this writer stores ints as: store it as a str.")
+    if kind is float and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+        raise LessonError(f"{value} does not fit GGUF's float32 (up to about 3.4e38), the type this writer stores floats as.")
     type_id, fmt = _VALUE_TYPES[kind]
     return struct.pack("<I", type_id) + (_string(value) if kind is str else struct.pack(fmt, value))
 
@@ -114,14 +147,24 @@ def _pad(n: int) -> int:
 def tensor_bytes(array: np.ndarray, kind: str) -> bytes:
     """A tensor's data in one of the types this writer knows: F32, F16, Q8_0, Q4_0."""
     if kind == "F32":
-        return np.ascontiguousarray(array, dtype=np.float32).tobytes()
+        return np.ascontiguousarray(as_array(array)).tobytes()
     if kind == "F16":
-        return np.ascontiguousarray(array, dtype=np.float16).tobytes()
+        return np.ascontiguousarray(as_array(array), dtype=np.float16).tobytes()
     if kind == "Q8_0":
         return quantize_q8_0(array).tobytes()
     if kind == "Q4_0":
         return quantize_q4_0(array).tobytes()
     raise LessonError(f"Unknown tensor type {kind!r}: this writer knows {sorted(TYPES)}.")
+
+
+def check_contents(metadata: dict, tensors: dict) -> None:
+    """Raise a clear :class:`LessonError` for metadata keys or tensor entries the writer cannot store."""
+    for key in [*metadata, *tensors]:
+        if not isinstance(key, str):
+            raise LessonError(f"GGUF keys and tensor names are strings, not {key!r}: name it like 'general.name'.")
+    for name, entry in tensors.items():
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise LessonError(f"tensor {name!r}: give each tensor as (array, type), e.g. (w, 'Q8_0').")
 
 
 def write_gguf(path: str | Path, metadata: dict, tensors: dict[str, tuple[np.ndarray, str]]) -> Path:
@@ -130,6 +173,7 @@ def write_gguf(path: str | Path, metadata: dict, tensors: dict[str, tuple[np.nda
     Written to a temporary name and renamed at the end, so a failure leaves no half-written file.
     """
     path = Path(path)
+    check_contents(metadata, tensors)
     data = {name: tensor_bytes(array, kind) for name, (array, kind) in tensors.items()}  # fail before writing
     header = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
     header += b"".join(_string(key) + _value(value) for key, value in metadata.items())
@@ -139,9 +183,13 @@ def write_gguf(path: str | Path, metadata: dict, tensors: dict[str, tuple[np.nda
         header += _string(name) + struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape, TYPES[kind], offset)
         offset += len(data[name]) + _pad(len(data[name]))
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(header + bytes(_pad(len(header))))
-        for raw in data.values():
-            f.write(raw + bytes(_pad(len(raw))))
-    partial.replace(path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(header + bytes(_pad(len(header))))
+            for raw in data.values():
+                f.write(raw + bytes(_pad(len(raw))))
+        partial.replace(path)
+    except BaseException:  # an error, or Ctrl-C: remove the half-written file, then let it go on
+        partial.unlink(missing_ok=True)
+        raise
     return path
