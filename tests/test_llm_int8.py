@@ -100,3 +100,12 @@ def test_bad_input_is_a_lesson_error_that_says_what_to_do(call, phrase):
     with pytest.raises(LessonError) as caught:
         call()
     assert phrase in str(caught.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_matmul_runs_on_a_gpu(with_outliers):
+    """CUDA has no int32 matrix product: the integer sums are taken in float64 there, exactly."""
+    X, W = with_outliers
+    qx, qw = llm_int8.vectorwise_quantize(X)[0], llm_int8.vectorwise_quantize(W)[0]
+    assert torch.equal(llm_int8.int_matmul(qx.cuda(), qw.cuda()).cpu(), llm_int8.int_matmul(qx, qw))
+    assert torch.allclose(llm_int8.int8_matmul(X.cuda(), W.cuda()).cpu(), llm_int8.int8_matmul(X, W), rtol=1e-5, atol=1e-4)

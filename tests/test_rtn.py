@@ -162,3 +162,14 @@ def test_bad_input_is_a_lesson_error_that_says_what_to_do(call, phrase):
     with pytest.raises(LessonError) as caught:
         call()
     assert phrase in str(caught.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_and_scales_on_a_gpu_equal_the_cpus(symmetric):
+    """A GPU divides by a Python number through its reciprocal: the scales must divide by a tensor to match."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    on_gpu = rtn.quantize_weight(w.cuda(), 4, 32, symmetric)
+    for gpu, cpu in zip(on_gpu, rtn.quantize_weight(w, 4, 32, symmetric)):
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)

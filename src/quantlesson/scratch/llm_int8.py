@@ -55,6 +55,16 @@ def vectorwise_quantize(A: torch.Tensor, threshold: float = 0.0) -> tuple[torch.
     return codes.reshape(A.shape), absmax.reshape(A.shape[:-1]), columns
 
 
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` of int8 codes ``[m, k]`` and ``[n, k]``, summed exactly: int32 ``[m, n]``.
+
+    CUDA has no int32 matrix product; float64 holds every such sum exactly, so the GPU uses it.
+    """
+    if a.device.type == "cpu":
+        return a.to(torch.int32) @ b.to(torch.int32).T
+    return (a.double() @ b.double().T).to(torch.int32)
+
+
 def int8_matmul(X: torch.Tensor, W: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
     """``X @ W.T`` with int8 weights and activations, outlier columns of ``X`` in 16 bits (threshold 0: none).
 
@@ -67,7 +77,7 @@ def int8_matmul(X: torch.Tensor, W: torch.Tensor, threshold: float = 6.0) -> tor
     X2 = X.reshape(-1, X.shape[-1])  # [tokens, in]
     qx, sx, columns = vectorwise_quantize(X2, threshold)  # [tokens, in], [tokens], [k]
     qw, sw, _ = vectorwise_quantize(W)  # [out, in], [out]
-    Y = (qx.to(torch.int32) @ qw.to(torch.int32).T).float() * (torch.outer(sx, sw) / (127 * 127))  # [tokens, out]
+    Y = int_matmul(qx, qw).float() * (torch.outer(sx, sw) / (127 * 127))  # [tokens, out]
     if columns.numel():
         W_outlier = qw[:, columns].float() * (sw[:, None] / 127)  # the weight's int8 columns, dequantized
         Y += X2[:, columns].float() @ W_outlier.T

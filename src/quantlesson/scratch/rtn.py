@@ -63,7 +63,8 @@ def qrange(bits: int) -> tuple[int, int]:
 def scale_zero(w_min: torch.Tensor, w_max: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero-point from the minimum and maximum of each group."""
     qmin, qmax = qrange(bits)
-    levels = qmax - qmin  # 15 for 4 bits
+    levels = torch.tensor(qmax - qmin, dtype=w_min.dtype, device=w_min.device)  # 15 for 4 bits
+    # (a tensor, not a Python number: a GPU divides by a number as a multiplication by its rounded reciprocal)
     w_min = torch.minimum(w_min, torch.zeros_like(w_min))  # 0.0 must be representable
     w_max = torch.maximum(w_max, torch.zeros_like(w_max))
     if symmetric:
