@@ -36,15 +36,16 @@ TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8}  # ggml type ids (ggml.h: enu
 
 
 def as_array(x) -> np.ndarray:
-    """A float32 NumPy array from an array or a torch tensor (on any device, in any float dtype)."""
+    """A NumPy array from an array or a torch tensor on any device (bfloat16, which NumPy lacks, as float32)."""
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().float().numpy()
-    return np.asarray(x, dtype=np.float32)
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
 
 
 def blocks_of(x) -> np.ndarray:
     """View a float tensor as rows of 32-value blocks: ``[..., n] -> [n_blocks, 32]`` (float32)."""
-    x = as_array(x)
+    x = as_array(x).astype(np.float32, copy=False)
     if x.ndim == 0 or x.shape[-1] % BLOCK:
         raise LessonError(f"Q8_0 and Q4_0 need rows that are a multiple of {BLOCK} values, not shape {x.shape}: "
                           "keep such tensors in F16 or F32.")  # fmt: skip
@@ -147,7 +148,7 @@ def _pad(n: int) -> int:
 def tensor_bytes(array: np.ndarray, kind: str) -> bytes:
     """A tensor's data in one of the types this writer knows: F32, F16, Q8_0, Q4_0."""
     if kind == "F32":
-        return np.ascontiguousarray(as_array(array)).tobytes()
+        return np.ascontiguousarray(as_array(array), dtype=np.float32).tobytes()
     if kind == "F16":
         return np.ascontiguousarray(as_array(array), dtype=np.float16).tobytes()
     if kind == "Q8_0":
