@@ -126,3 +126,46 @@ def test_bitsandbytes_4bit_on_cpu_refuses_shapes_its_kernel_cannot_pack(tmp_path
     embedded.train_tokenizer(["def f(x): return x"], vocab_size=300).save_pretrained(tmp_path)
     with pytest.raises(LessonError, match="multiple of 32"):
         models.load(str(tmp_path), quantization_config=BitsAndBytesConfig(load_in_4bit=True), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "int4_runs"),
+    [((7, 5), torch.float16, False), ((7, 0), torch.float16, False), ((8, 0), torch.bfloat16, True), ((9, 0), torch.bfloat16, True)],
+)
+def test_the_dtype_and_skips_follow_the_gpus_compute_capability(monkeypatch, capsys, capability, dtype, int4_runs):
+    """Colab's T4 (7.5) and a V100 (7.0) get float16 and a skip message; Ampere (8.0) and Hopper (9.0) bfloat16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    assert models.default_dtype("cuda") == dtype
+    assert models.default_dtype("cpu") == torch.float32
+    assert models.can_run("PyTorch's int4 kernel") is int4_runs
+    out = capsys.readouterr().out
+    if int4_runs:
+        assert out == ""
+        models.require_capability("EXL3")
+    else:
+        assert "Skipped: PyTorch's int4 kernel needs compute capability 8.0" in out and "Fake GPU" in out
+        with pytest.raises(LessonError, match="EXL3 needs compute capability 8.0"):
+            models.require_capability("EXL3")
+
+
+def test_without_a_gpu_capability_checks_say_so(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.gpu_capability() is None and not models.has_capability(7, 0)
+    assert not models.can_run("Marlin")
+    assert "no GPU is visible" in capsys.readouterr().out
+    with pytest.raises(LessonError, match="needs an NVIDIA GPU"):
+        models.require_capability("Marlin")
+
+
+def test_a_folder_with_a_broken_config_is_not_called_a_hub_failure(saved_copy):
+    (saved_copy / "config.json").write_text("{ not json")
+    with pytest.raises(LessonError) as error:
+        models.load(str(saved_copy), device="cpu")
+    assert "local folder" in str(error.value) and "Hub" not in str(error.value)
+
+
+def test_the_load_line_names_the_device_the_model_is_on(saved_copy, capsys):
+    models.load(str(saved_copy), device_map="cpu")
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("float32 on cpu")

