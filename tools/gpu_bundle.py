@@ -1,0 +1,105 @@
+"""Fill ``.gpu/`` (ignored by git) with what a GPU machine without internet needs to run every notebook.
+
+    .venv/bin/python tools/gpu_bundle.py
+
+Writes, for the GPU machine's Python 3.12 on x86-64:
+
+* ``.gpu/w/``: the wheels and source packages the notebooks import beyond that machine's image
+  (llm-compressor, GPTQModel, ExLlamaV2, ...), and Debian's PCRE2 headers for GPTQModel's ``pypcre``;
+* ``.gpu/bnb/``: bitsandbytes alone (43 MB: it travels in a second call, see tools/gpu_run.sh);
+* ``.gpu/llama_cpp_python-<version>.tar.gz``: the pinned llama-cpp-python source, trimmed of what
+  a CPU build does not use (docs, vocabulary test files, other back ends) to fit a 64 MiB transfer;
+* ``.gpu/model``: a copy of the embedded model folder (its recipe key includes the Python version,
+  so ``LESSON_MODEL=embedded`` there would train it again).
+
+Each call to the machine carries at most 64 MiB: ``.gpu/w``, the llama.cpp source and the model go in
+the first, ``.gpu/bnb`` in the second (tools/gpu_run.sh says how).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU = ROOT / ".gpu"
+PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
+             "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64", "any"]
+# Not on the GPU machine's image, as binary wheels for CPython 3.12 (versions from constraints.txt where pinned there).
+WHEELS = ["compressed-tensors", "llmcompressor", "loguru", "gguf", "diskcache", "torchao", "optimum", "datasets", "dill",
+          "multiprocess", "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "termcolor", "einops",
+          "exllamav2==0.3.2", "fastparquet", "cramjam", "websockets"]
+SOURCES = ["gptqmodel", "hqq", "lazy-importer", "LogBar", "TokeNicer", "Device-SMI", "Defuser", "PyPcre"]
+DEBIAN = ["libpcre2-dev", "libpcre2-8-0"]
+TRIM = ["docs", "benches", "tools/ui", "tools/mtmd/test-1.jpeg", "examples", ".git"]
+
+
+def pinned(name: str) -> str:
+    """``name==version`` from constraints.txt (or the name as given, if it carries a version or is not pinned)."""
+    if "==" in name:
+        return name
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.lower().replace("_", "-").startswith(name.lower().replace("_", "-") + "=="):
+            return line.strip()
+    return name
+
+
+def download(names: list[str], folder: Path, binary: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), pinned(name)]
+        if binary:
+            command += ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"]
+            command += [part for platform in PLATFORMS for part in ("--platform", platform)]
+        else:
+            command += ["--no-binary=:all:"]
+        subprocess.run(command, check=True)
+
+
+def trimmed_llama_source(target: Path) -> None:
+    """The pinned llama-cpp-python sdist, without what a CPU build of the tools never reads."""
+    from quantlesson import embedded, llamacpp
+
+    version = llamacpp.package_version()
+    sdist = embedded.cache_root() / "downloads" / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        subprocess.run([sys.executable, "-m", "quantlesson.llamacpp"], check=True)
+    with tempfile.TemporaryDirectory() as folder:
+        with tarfile.open(sdist) as archive:
+            archive.extractall(folder, filter="data")
+        top = Path(folder) / f"llama_cpp_python-{version}"
+        vendor = top / "vendor" / "llama.cpp"
+        for path in [top / ".git", top / "examples"] + [vendor / part for part in TRIM]:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        for path in list((vendor / "models").glob("*.gguf")) + list(vendor.rglob("*.mp4")) + list(vendor.rglob("*.webp")):
+            path.unlink()
+        for backend in (vendor / "ggml" / "src").glob("ggml-*"):
+            if backend.is_dir() and backend.name not in ("ggml-cpu",):
+                for path in backend.rglob("*"):
+                    if path.is_file() and path.name != "CMakeLists.txt":
+                        path.unlink()
+        with tarfile.open(target / sdist.name, "w:gz") as archive:
+            archive.add(top, arcname=top.name)
+
+
+def main() -> None:
+    from quantlesson import embedded
+
+    shutil.rmtree(GPU, ignore_errors=True)
+    download(WHEELS, GPU / "w", binary=True)
+    download(SOURCES, GPU / "w", binary=False)
+    download(["bitsandbytes"], GPU / "bnb", binary=True)
+    subprocess.run(["apt-get", "download", *DEBIAN], cwd=GPU / "w", check=True)
+    trimmed_llama_source(GPU)
+    shutil.copytree(embedded.ensure_built(), GPU / "model")
+    for part in sorted(GPU.iterdir()):
+        size = sum(p.stat().st_size for p in part.rglob("*")) if part.is_dir() else part.stat().st_size
+        print(f"{part.relative_to(ROOT)}: {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
