@@ -1,6 +1,7 @@
 """The from-scratch AWQ, checked against llm-compressor's AWQModifier on the same model and calibration data."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,12 +16,17 @@ def calibration(embedded):
     return data.calibration_tokens(tokenizer, n=16, seq_len=256)
 
 
-@pytest.fixture(scope="module")
-def both(embedded, calibration):
-    """The embedded model through the from-scratch AWQ and through llm-compressor's, with the same settings."""
+@pytest.fixture(scope="module", params=[False, True], ids=["asymmetric", "symmetric"])
+def both(embedded, calibration, request):
+    """The embedded model through the from-scratch AWQ and through llm-compressor's, with the same settings.
+
+    Symmetric too: there, float64 normalisation of ``w_mean`` (where llm-compressor uses the
+    weight's dtype) once moved scales by float rounding, enough to flip near-tied candidates.
+    """
     model, tokenizer = embedded
+    symmetric = request.param
     ours = copy.deepcopy(model)
-    searches = awq.quantize_model(ours, calibration, bits=4, group_size=128, symmetric=False, n_grid=20, progress=False)
+    searches = awq.quantize_model(ours, calibration, bits=4, group_size=128, symmetric=symmetric, n_grid=20, progress=False)
 
     compat.llmcompressor_awq_on_cpu()
     from llmcompressor import oneshot
@@ -31,7 +37,10 @@ def both(embedded, calibration):
     oneshot(
         model=library, dataset=data.calibration_dataset(tokenizer, n=16, seq_len=256), num_calibration_samples=16,
         max_seq_length=256, shuffle_calibration_samples=False,
-        recipe=[AWQModifier(n_grid=20), QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])],
+        recipe=[
+            AWQModifier(n_grid=20),
+            QuantizationModifier(targets="Linear", scheme="W4A16" if symmetric else "W4A16_ASYM", ignore=["lm_head"]),
+        ],
     )
     return ours, library, searches
 
@@ -59,8 +68,9 @@ def test_same_quantized_weights_as_llmcompressor(both):
         mine = ours.get_submodule(name)
         assert isinstance(mine, rtn.QuantLinear)
         torch.testing.assert_close(mine.scale, module.weight_scale.float(), rtol=1e-5, atol=1e-8)
-        assert torch.equal(mine.zero.float(), module.weight_zero_point.float())
-        scale, zero = module.weight_scale.float()[..., None], module.weight_zero_point.float()[..., None]
+        theirs_zero = module.weight_zero_point.float() if hasattr(module, "weight_zero_point") else torch.zeros_like(mine.scale)
+        assert torch.equal(mine.zero.float() if mine.zero is not None else torch.zeros_like(mine.scale), theirs_zero)
+        scale, zero = module.weight_scale.float()[..., None], theirs_zero[..., None]
         position = rtn.grouped(module.weight.detach().float(), 128) / scale + zero  # before rounding
         codes = rtn.quantize(rtn.grouped(module.weight.detach().float(), 128), scale, zero, 4).reshape(module.weight.shape)
         differ = mine.weight_codes() != codes
@@ -190,3 +200,111 @@ def test_another_architecture_runs_with_its_own_mappings():
     assert max(len(torch.unique(g)) for g in groups) <= 8 and len(torch.unique(groups)) > 8  # per group, not per layer
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def scheme_layer(weight: torch.Tensor, symmetric: bool, group_size: int = 32) -> torch.nn.Linear:
+    """A linear layer carrying a compressed-tensors weight scheme, as llm-compressor's AWQ sees its balance layers."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    layer.weight.data = weight.clone()
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+    layer.quantization_scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w_mean_is_llmcompressors(dtype):
+    """Normalised in the weight's dtype and summed in float64, bit for bit (the old float64 normalisation was not)."""
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 128).to(dtype), torch.randn(64, 128).to(dtype)]
+    theirs = AWQModifier._compute_layer_means([scheme_layer(w, symmetric=True) for w in weights])
+    assert torch.equal(awq.mean_normalised_weight(weights, 32), theirs)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_candidates_quantize_as_llmcompressor(symmetric, dtype):
+    """Each candidate: ``W * s`` in the weight's dtype, quantized there by compressed-tensors, divided by ``s``."""
+    from compressed_tensors.quantization import fake_quantize
+    from llmcompressor.observers import Observer
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 128).to(dtype)
+    s = awq.scales_for(0.5, torch.rand(128) + 0.1, awq.mean_normalised_weight([w], 32))  # float64, as duo scales are
+    layer = scheme_layer((w * s).to(dtype), symmetric)
+    args = layer.quantization_scheme.weights
+    qparams = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)(layer.weight).get_qparams()
+    theirs = (fake_quantize(layer.weight, qparams["scale"], qparams["zero_point"], args) / s).to(dtype)
+    assert torch.equal(awq.quantize_scaled(w, s, 4, 32, symmetric), theirs)
+
+
+def parent_and_inputs():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    inputs = [((torch.randn(2, 16, 64) * (torch.rand(64) * 4),), {})]
+    x_mean = awq.mean_abs_input(inputs[0][0][0])
+    return linear, inputs, x_mean, awq.Mapping("norm", ("linear",), "linear")
+
+
+def test_non_finite_candidates_are_skipped(monkeypatch):
+    """A candidate whose error is NaN is not chosen (the old code kept a NaN first candidate: no scaling)."""
+    linear, inputs, x_mean, mapping = parent_and_inputs()
+    honest = awq.quantize_scaled
+
+    def nan_without_scaling(w, s, *args):
+        return torch.full_like(w, float("nan")) if torch.all(s == 1) else honest(w, s, *args)
+
+    monkeypatch.setattr(awq, "quantize_scaled", nan_without_scaling)
+    search = awq.search_scales(linear, [linear], x_mean, inputs, mapping, bits=3, group_size=32, n_grid=5)
+    assert search.errors[0][:2] == (0.0, False) and search.errors[0][2] != search.errors[0][2]  # NaN, and tried
+    assert search.duo and torch.isfinite(search.scales).all()
+    chosen = next(e for a, d, e in search.errors if (a, d) == (search.alpha, search.duo))
+    assert chosen == min(e for *_, e in search.errors if math.isfinite(e))
+
+
+def test_all_non_finite_errors_raise(monkeypatch):
+    linear, inputs, x_mean, mapping = parent_and_inputs()
+    before = linear.weight.detach().clone()
+    monkeypatch.setattr(awq, "quantize_scaled", lambda w, *args: torch.full_like(w, float("nan")))
+    with pytest.raises(LessonError, match="Every candidate scale for norm -> linear gave a NaN"):
+        awq.search_scales(linear, [linear], x_mean, inputs, mapping, bits=3, group_size=32, n_grid=5)
+    assert torch.equal(linear.weight, before)  # the weights are put back
+    inputs[0][0][0][0, 0, 0] = float("inf")  # the unquantized block already overflows
+    monkeypatch.undo()
+    with pytest.raises(LessonError, match="before any quantization"):
+        awq.search_scales(linear, [linear], x_mean, inputs, mapping, bits=3, group_size=32, n_grid=5)
+
+
+def test_no_calibration_sequences_are_refused(tiny_llama):
+    """Zero sequences (or zero tokens) used to fail deep inside with a ZeroDivisionError."""
+    for empty in (torch.zeros(0, 16, dtype=torch.long), torch.zeros(4, 0, dtype=torch.long)):
+        with pytest.raises(LessonError, match="at least 1"):
+            awq.quantize_model(copy.deepcopy(tiny_llama), empty, group_size=32, progress=False)
+    with pytest.raises(LessonError, match="no calibration inputs"):
+        awq.scale_block(copy.deepcopy(tiny_llama.model.layers[0]), [], group_size=32)
+
+
+def test_work_stays_on_the_layers_device(tiny_llama):
+    """With "meta" as the default device, a tensor made without the layer's device would break the run on the CPU.
+
+    The old clip search made its running best error that way (on the CPU, whatever the layer's device).
+    """
+    calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    expected = copy.deepcopy(tiny_llama)
+    awq.quantize_model(expected, calibration, bits=3, group_size=32, n_grid=5, clip=True, progress=False)
+    result = copy.deepcopy(tiny_llama)
+    with torch.device("meta"):
+        awq.quantize_model(result, calibration, bits=3, group_size=32, n_grid=5, clip=True, progress=False)
+    for (name, mine), theirs in zip(result.state_dict().items(), expected.state_dict().values()):
+        assert mine.device.type == "cpu" and torch.equal(mine, theirs), name
+
+
+def test_fold_moves_the_scales_to_each_layer():
+    """Scales made on one device fold into layers on another (here: CPU scales, layers on "meta")."""
+    with torch.device("meta"):
+        norm, linear = torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)
+    awq.fold(norm, [linear], torch.rand(8) + 0.5)
+    assert linear.weight.device.type == norm.weight.device.type == norm.bias.device.type == "meta"

@@ -15,14 +15,22 @@ minimises the error of the block's output, one *mapping* (producer -> the
 layers it feeds) at a time. No gradients and no weight updates: AWQ only
 chooses scales, so it fits the calibration text less than GPTQ can.
 
-Conventions follow llm-compressor's ``AWQModifier`` (its grid, scale
-normalisation and loss), so the tests can check this code against it.
+Conventions follow llm-compressor's ``AWQModifier`` (0.14: its grid, scale
+normalisation, loss and dtypes), so the tests can check this code against it:
+``w_mean`` is normalised in the weight's dtype and summed in float64, ``x_mean`` is
+float32, so duo scales are float64 and plain ones float32; each candidate is
+quantized in the weight's dtype (bfloat16 for a bfloat16 model), as
+compressed-tensors quantizes it. Candidates whose error is not finite are
+skipped, and a mapping with none left raises a :class:`LessonError` (llm-compressor
+raises too). Everything stays on the devices of the layers it belongs to.
 Quantizer: :mod:`quantlesson.scratch.rtn`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import math
 
 import torch
 
@@ -81,12 +89,16 @@ def mean_abs_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def mean_normalised_weight(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
-    """``w_mean``: each weight's magnitude relative to its group's largest, averaged per input column. ``-> [in]``"""
-    rows = []
+    """``w_mean``: each weight's magnitude relative to its group's largest, averaged per input column. ``-> [in]``
+
+    As llm-compressor: normalised in the weight's dtype, summed and averaged in float64.
+    """
+    total = 0
     for w in weights:  # [out, in]
-        groups = rtn.grouped(w.abs().double(), group_size)  # [out, n_groups, g]
-        rows.append((groups / (groups.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape))
-    return torch.cat(rows).mean(0)
+        groups = rtn.grouped(w.abs(), group_size)  # [out, n_groups, g]
+        normalised = (groups / (groups.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape)
+        total = total + normalised.sum(0, dtype=torch.float64)
+    return total / sum(w.shape[0] for w in weights)
 
 
 def scales_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +106,7 @@ def scales_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor | None =
     if w_mean is None:
         s = x_mean.pow(alpha).clamp(min=1e-4)
     else:
-        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+        s = (x_mean.pow(alpha) / (w_mean.to(x_mean.device).pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
     s = s / (s.max() * s.min()).sqrt()
     return torch.nan_to_num(s, nan=1.0, posinf=1.0)
 
@@ -109,8 +121,15 @@ def grid(n_grid: int = 20, duo: bool = True) -> list[tuple[float, bool]]:
 
 
 def quantize_scaled(w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
-    """``Q(W diag(s)) diag(s)^-1``: the weight the scaled, quantized layer computes with. ``[out, in]``"""
-    return (rtn.fake_quantize((w * s).to(w.dtype), bits, group_size, symmetric) / s).to(w.dtype)
+    """``Q(W diag(s)) diag(s)^-1``: the weight the scaled, quantized layer computes with. ``[out, in]``
+
+    Scaled, quantized and dequantized in the weight's dtype, as llm-compressor does it.
+    """
+    s = s.to(w.device)
+    scaled = rtn.grouped((w * s).to(w.dtype), group_size)  # [out, n_groups, g]
+    scale, zero = rtn.scale_zero(scaled.amin(-1, keepdim=True), scaled.amax(-1, keepdim=True), bits, symmetric)
+    restored = rtn.dequantize(rtn.quantize(scaled, scale, zero, bits), scale, zero)  # [out, n_groups, g]
+    return (restored.reshape(w.shape) / s).to(w.dtype)
 
 
 @dataclass
@@ -134,9 +153,17 @@ def search_scales(
     parent: torch.nn.Module, balance: list[torch.nn.Linear], x_mean: torch.Tensor, parent_inputs: list[tuple[tuple, dict]],
     mapping: Mapping, bits: int = 4, group_size: int | None = 128, symmetric: bool = False, n_grid: int = 20, duo: bool = True,
 ) -> Search:  # fmt: skip
-    """Try each candidate scale on the balance layers; keep the one whose parent output is closest to full precision."""
+    """Try each candidate scale on the balance layers; keep the one whose parent output is closest to full precision.
+
+    A candidate whose error is NaN or infinite is skipped; none left raises a :class:`LessonError`.
+    """
     original = [b.weight.data.clone() for b in balance]
     reference = [_output(parent(*args, **kwargs)) for args, kwargs in parent_inputs]
+    if not all(torch.isfinite(r).all() for r in reference):
+        raise LessonError(
+            f"{mapping.parent} gives NaN or infinite outputs before any quantization: the model overflows on this "
+            "calibration text (float16 activations can; load the model in bfloat16 or float32)."
+        )
     w_mean = mean_normalised_weight(original, group_size) if duo else None
     errors, best = [], None
     try:
@@ -146,11 +173,17 @@ def search_scales(
                 layer.weight.data = quantize_scaled(w, s, bits, group_size, symmetric)
             error = _mse(reference, [_output(parent(*args, **kwargs)) for args, kwargs in parent_inputs])
             errors.append((alpha, use_duo, error))
-            if best is None or error < best[2]:
+            if math.isfinite(error) and (best is None or error < best[2]):
                 best = (alpha, use_duo, error, s)
     finally:
         for layer, w in zip(balance, original):
             layer.weight.data = w
+    if best is None:
+        raise LessonError(
+            f"Every candidate scale for {mapping.smooth} -> {', '.join(mapping.balance)} gave a NaN or infinite error: "
+            "the quantized weights hold NaN or inf (check the balance layers' weights for NaN, and for groups that are "
+            "all zero under zero-point quantization)."
+        )
     return Search(mapping, best[0], best[1], best[3], errors)
 
 
@@ -158,7 +191,8 @@ def search_scales(
 def fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tensor) -> None:
     """Scale the balance layers' input columns by ``s`` and the producer's outputs by ``1/s``: same function, in place."""
     for layer in balance:
-        layer.weight.data = (layer.weight.data * s).to(layer.weight.dtype)
+        layer.weight.data = (layer.weight.data * s.to(layer.weight.device)).to(layer.weight.dtype)
+    s = s.to(smooth.weight.device)
     if smooth.weight.ndim == 1:  # a norm's per-channel gain
         smooth.weight.data = (smooth.weight.data / s).to(smooth.weight.dtype)
     else:  # a linear layer: its output rows
@@ -173,6 +207,8 @@ def scale_block(
     bits: int = 4, group_size: int | None = 128, symmetric: bool = False, n_grid: int = 20, duo: bool = True,
 ) -> list[Search]:  # fmt: skip
     """AWQ on one decoder layer, in place: collect statistics in one pass, then search and fold each mapping in order."""
+    if not inputs:
+        raise LessonError("AWQ got no calibration inputs: its scales come from activation statistics, so pass at least one sequence.")
     mappings = mappings_for(block, mappings)
     modules = dict(block.named_modules())
     x_sums: dict[Mapping, list] = {m: [0.0, 0] for m in mappings}
@@ -227,8 +263,11 @@ def quantize_model(
         rtn.check(bits, group_size, linear.in_features)
     layers = decoder_layers(model)
     mappings_for(layers[0], mappings)
-    if calibration.ndim != 2:
-        raise LessonError(f"calibration must be token ids of shape [n, tokens], not {tuple(calibration.shape)}.")
+    if calibration.ndim != 2 or calibration.numel() == 0:
+        raise LessonError(
+            f"calibration must be token ids of shape [n, tokens] with n and tokens at least 1, not {tuple(calibration.shape)}: "
+            "AWQ's scales come from activation statistics (a few dozen sequences of 256 or more tokens is usual)."
+        )
     inputs = first_layer_inputs(model, calibration)
     searches = []
     for layer in tqdm(layers, desc="AWQ, layer by layer", disable=not progress):
@@ -266,10 +305,10 @@ def search_clip(
     weight (quantize it afterwards). llm-compressor's AWQModifier does not run this step.
     """
     groups = rtn.grouped(w.float(), group_size)  # [out, n_groups, g]
-    x_groups = x.float().reshape(x.shape[0], groups.shape[1], groups.shape[2])  # [tokens, n_groups, g]
+    x_groups = x.to(w.device, torch.float32).reshape(x.shape[0], groups.shape[1], groups.shape[2])  # [tokens, n_groups, g]
     reference = torch.einsum("ong,tng->otn", groups, x_groups)  # [out, tokens, n_groups]: each group's share of y
     limit = groups.abs().amax(-1, keepdim=True)  # [out, n_groups, 1]
-    best_error = torch.full(limit.shape, float("inf"))
+    best_error = torch.full(limit.shape, float("inf"), device=w.device)
     best = limit.clone()
     for i in range(int(max_shrink * n_grid)):
         m = limit * (1 - i / n_grid)
