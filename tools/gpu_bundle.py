@@ -55,8 +55,7 @@ def download(names: list[str], folder: Path, binary: bool) -> None:
         if binary:
             command += ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"]
             command += [part for platform in PLATFORMS for part in ("--platform", platform)]
-        else:
-            command += ["--no-binary=:all:"]
+        # else: these have no wheels, so pip takes the source package (its build tools come as wheels)
         subprocess.run(command, check=True)
 
 

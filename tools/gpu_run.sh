@@ -2,11 +2,13 @@
 # Maintainer run on a GPU machine without internet: install what the notebooks need from carried files,
 # then run whole notebooks with tools/gpu_notebooks.py. From the repository root:
 #
-#   here:   python tools/gpu_bundle.py            # fills .gpu/ (ignored by git): wheels, sdists, the embedded model
-#   there:  bash tools/gpu_run.sh setup           # installs into /tmp/site, builds llama.cpp and ExLlamaV2's kernels
-#           bash tools/gpu_run.sh bnb             # bitsandbytes, carried in a call of its own (.gpu/bnb, 43 MB)
-#           bash tools/gpu_run.sh run $OUT/record.json notebooks/01-why-quantize.ipynb ...
-#   here:   python tools/gpu_notebooks.py merge <record.json>
+#   here:   .venv/bin/python tools/gpu_bundle.py   # fills .gpu/ (ignored by git): wheels, sources, the embedded model
+#   there:  bash tools/gpu_run.sh first $OUT      # carry .gpu/w .gpu/model .gpu/llama_cpp_python-*.tar.gz (~31 MB):
+#                                                 # installs, builds llama.cpp and ExLlamaV2's kernels, runs 7 notebooks
+#           bash tools/gpu_run.sh second $OUT     # within 30 s, carry .gpu/bnb (41 MB): episodes 05, then 08
+#   here:   python tools/gpu_notebooks.py merge <each record.json>
+#
+# Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another).
 #
 # Everything lands under /tmp, which lasts as long as the machine stays up between calls.
 set -euo pipefail
@@ -18,25 +20,68 @@ export LESSON_MODEL="${LESSON_MODEL:-$PWD/.gpu/model}" LESSON_DATA=embedded GPTQ
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 pip_install() { python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" "$@"; }
 stamp() { echo "[gpu_run $(date +%T)] $*"; }
-
-case "${1:-}" in
-setup)
+install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV2's kernels build in the background
   stamp "python $(python3 --version 2>&1), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
   mkdir -p "$SITE" /tmp/pcre "$QUANTLESSON_CACHE/downloads"
   for deb in .gpu/w/*.deb; do dpkg -x "$deb" /tmp/pcre; done
   pip_install .gpu/w/*.whl
-  stamp "wheels installed"
   PYPCRE_INCLUDE_DIR=/tmp/pcre/usr/include PYPCRE_LIBRARY_DIR=/tmp/pcre/usr/lib/x86_64-linux-gnu PYPCRE_FORCE_STATIC=1 \
     pip_install .gpu/w/*.tar.gz
-  stamp "source packages built"
+  stamp "packages installed"
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
   (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \
-     CMAKE_BUILD_PARALLEL_LEVEL=16 pip_install .gpu/llama_cpp_python-*.tar.gz > /tmp/llama-build.log 2>&1; echo "llama.cpp build exit $?" >> /tmp/llama-build.log) &
-  (python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__, 'kernels ready')" > /tmp/exl2-build.log 2>&1; echo "exllamav2 build exit $?" >> /tmp/exl2-build.log) &
-  python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets; print('imports ok: transformers', transformers.__version__)"
+     CMAKE_BUILD_PARALLEL_LEVEL=16 pip_install .gpu/llama_cpp_python-*.tar.gz > /tmp/llama-build.log 2>&1; echo "llama.cpp build exit $?" >> /tmp/llama-build.log; stamp "llama.cpp built") &
+  (python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__, 'kernels ready')" > /tmp/exl2-build.log 2>&1; echo "exllamav2 build exit $?" >> /tmp/exl2-build.log; stamp "exllamav2 kernels built") &
+  python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets; print('imports ok: transformers', transformers.__version__)" || stamp "an import failed (above)"
+}
+start_notebook() {  # run one notebook in the background; its record and log go to /tmp/runs
+  stamp "start $1"
+  python3 tools/gpu_notebooks.py run "/tmp/runs/record-$1.json" "notebooks/$1.ipynb" > "/tmp/runs/log-$1.txt" 2>&1 &
+}
+after() {  # wait until a build log says it ended (at most 8 minutes), then go on
+  local waited=0
+  until grep -q " exit " "$1" 2>/dev/null || [ $waited -ge 480 ]; do sleep 5; waited=$((waited + 5)); done; tail -2 "$1"
+}
+collect() {  # collect OUT NAME...: OUT/record.json with every row, OUT/logs.txt with the end of each notebook's output
+  out="$1"; shift
+  for name in "$@"; do
+    { echo "########## $name"; tail -n 150 "/tmp/runs/log-$name.txt"; } >> "$out/logs.txt"
+    grep "^=== " "/tmp/runs/log-$name.txt" || echo "=== $name: no result"
+  done
+  python3 -c "import json, sys, glob; json.dump([r for f in sorted(glob.glob('/tmp/runs/record-*.json')) for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=1)" "$out/record.json"
+}
+
+case "${1:-}" in
+setup)
+  install_all
   wait
   tail -3 /tmp/llama-build.log /tmp/exl2-build.log
   stamp "setup done"
+  ;;
+first)
+  # first OUT: install, and run the notebooks that need neither bitsandbytes, ExLlamaV2 nor the other episodes'
+  # tables, all at once (one GPU holds them all; timings inside them are then not comparable); 06 starts when
+  # llama.cpp is built. ExLlamaV2's kernels build meanwhile, for 'second'.
+  out="$2"; mkdir -p /tmp/runs
+  install_all
+  for name in 01-why-quantize 02-absmax-zeropoint 03-gptq 04-awq 10-where-next; do start_notebook "$name"; done
+  after /tmp/llama-build.log && start_notebook 06-gguf
+  wait || true
+  tail -2 /tmp/exl2-build.log
+  collect "$out" 01-why-quantize 02-absmax-zeropoint 03-gptq 04-awq 06-gguf 10-where-next
+  ;;
+second)
+  # second OUT (on the same machine, within 30 s of 'first'): bitsandbytes' and ExLlamaV2's episodes, then the
+  # comparison, which reads every episode's table (07's from-scratch rows come from its first, CPU, cells).
+  out="$2"; mkdir -p /tmp/runs
+  pip_install .gpu/bnb/*.whl && stamp "bitsandbytes installed"
+  start_notebook 05-bitsandbytes; first=$!
+  start_notebook 07-exl2
+  wait "$first" || true
+  waited=0; until [ -s "$QUANTLESSON_CACHE/results/embedded/07-exl2.csv" ] || [ $waited -ge 240 ]; do sleep 5; waited=$((waited + 5)); done
+  start_notebook 08-which-method
+  wait || true
+  collect "$out" 05-bitsandbytes 07-exl2 08-which-method
   ;;
 bnb)
   pip_install .gpu/bnb/*.whl && stamp "bitsandbytes installed" ;;
@@ -44,24 +89,6 @@ run)
   shift
   record="$1"; shift
   python3 tools/gpu_notebooks.py run "$record" "$@"
-  ;;
-parallel)
-  # parallel OUT NB...: every notebook at once (one GPU holds them all; timings inside them are then not comparable).
-  # Writes OUT/record.json (all rows) and OUT/logs.txt (the end of each notebook's output).
-  shift
-  out="$1"; shift
-  mkdir -p /tmp/runs
-  for notebook in "$@"; do
-    name=$(basename "$notebook" .ipynb)
-    python3 tools/gpu_notebooks.py run "/tmp/runs/record-$name.json" "$notebook" > "/tmp/runs/log-$name.txt" 2>&1 &
-  done
-  wait || true
-  for notebook in "$@"; do
-    name=$(basename "$notebook" .ipynb)
-    { echo "########## $name"; tail -n 120 "/tmp/runs/log-$name.txt"; } >> "$out/logs.txt"
-    grep "^=== " "/tmp/runs/log-$name.txt" || echo "=== $name: no result"
-  done
-  python3 -c "import json, sys, glob; json.dump([r for f in sorted(glob.glob('/tmp/runs/record-*.json')) for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=1)" "$out/record.json"
   ;;
 *)
   sed -n 2,10p "$0"; exit 2 ;;
