@@ -6,14 +6,15 @@ Writes, for the GPU machine's Python 3.12 on x86-64:
 
 * ``.gpu/w/``: the wheels and source packages the notebooks import beyond that machine's image
   (llm-compressor, GPTQModel, ExLlamaV2, ...), and Debian's PCRE2 headers for GPTQModel's ``pypcre``;
-* ``.gpu/bnb/``: bitsandbytes alone (43 MB: it travels in a second call, see tools/gpu_run.sh);
+  with bitsandbytes' wheel trimmed to its CPU and CUDA 13.0 libraries (the whole wheel is 43 MB: one
+  library per CUDA and ROCm version);
 * ``.gpu/llama_cpp_python-<version>.tar.gz``: the pinned llama-cpp-python source, trimmed of what
   a CPU build does not use (docs, vocabulary test files, other back ends) to fit a 64 MiB transfer;
 * ``.gpu/model``: a copy of the embedded model folder (its recipe key includes the Python version,
   so ``LESSON_MODEL=embedded`` there would train it again).
 
-Each call to the machine carries at most 64 MiB: ``.gpu/w``, the llama.cpp source and the model go in
-the first, ``.gpu/bnb`` in the second (tools/gpu_run.sh says how).
+Each call to the machine carries at most 64 MiB; all of ``.gpu`` (about 35 MiB) goes with every call, so
+that each call can install what it needs on a fresh machine (tools/gpu_run.sh says how).
 """
 
 from __future__ import annotations
@@ -59,6 +60,22 @@ def download(names: list[str], folder: Path, binary: bool) -> None:
         subprocess.run(command, check=True)
 
 
+def trim_wheel(wheel: Path, folder: Path, keep: tuple[str, ...]) -> None:
+    """Copy ``wheel`` into ``folder`` without the shared libraries whose names start with none of ``keep``."""
+    import zipfile
+
+    def wanted(name: str) -> bool:
+        return not name.endswith(".so") or Path(name).name.startswith(keep)
+
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(folder / wheel.name, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("RECORD"):  # list only what the trimmed wheel holds
+                data = b"".join(line + b"\n" for line in data.splitlines() if wanted(line.split(b",")[0].decode()))
+            if wanted(item.filename):
+                target.writestr(item, data)
+
+
 def trimmed_llama_source(target: Path) -> None:
     """The pinned llama-cpp-python sdist, without what a CPU build of the tools never reads."""
     from quantlesson import embedded, llamacpp
@@ -92,6 +109,9 @@ def main() -> None:
     download(WHEELS, GPU / "w", binary=True)
     download(SOURCES, GPU / "w", binary=False)
     download(["bitsandbytes"], GPU / "bnb", binary=True)
+    for wheel in (GPU / "bnb").glob("*.whl"):
+        trim_wheel(wheel, GPU / "w", keep=("libbitsandbytes_cpu", "libbitsandbytes_cuda130"))
+    shutil.rmtree(GPU / "bnb")
     subprocess.run(["apt-get", "download", *DEBIAN], cwd=GPU / "w", check=True)
     trimmed_llama_source(GPU)
     shutil.copytree(embedded.ensure_built(), GPU / "model")

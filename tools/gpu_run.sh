@@ -3,9 +3,10 @@
 # then run whole notebooks with tools/gpu_notebooks.py. From the repository root:
 #
 #   here:   .venv/bin/python tools/gpu_bundle.py   # fills .gpu/ (ignored by git): wheels, sources, the embedded model
-#   there:  bash tools/gpu_run.sh first $OUT      # carry .gpu/w .gpu/model .gpu/llama_cpp_python-*.tar.gz (~31 MB):
-#                                                 # installs, builds llama.cpp and ExLlamaV2's kernels, runs 7 notebooks
-#           bash tools/gpu_run.sh second $OUT     # within 30 s, carry .gpu/bnb (41 MB): episodes 05, then 08
+#   there:  bash tools/gpu_run.sh first $OUT      # carry .gpu (~35 MB): installs, builds llama.cpp and ExLlamaV2's
+#                                                 # kernels, runs six notebooks at once
+#           bash tools/gpu_run.sh second $OUT     # carry .gpu again: episodes 05 and 07, then 08 (installs again
+#                                                 # first if the machine went back after 'first': 30 s idle is enough)
 #   here:   python tools/gpu_notebooks.py merge <each record.json>
 #
 # Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another).
@@ -21,6 +22,7 @@ export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 pip_install() { python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" "$@"; }
 stamp() { echo "[gpu_run $(date +%T)] $*"; }
 install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV2's kernels build in the background
+  if [ -f "$SITE/.installed" ]; then stamp "already installed on this machine"; return; fi
   stamp "python $(python3 --version 2>&1), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
   mkdir -p "$SITE" /tmp/pcre "$QUANTLESSON_CACHE/downloads"
   for deb in .gpu/w/*.deb; do dpkg -x "$deb" /tmp/pcre; done
@@ -31,8 +33,10 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
   (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \
      CMAKE_BUILD_PARALLEL_LEVEL=16 pip_install .gpu/llama_cpp_python-*.tar.gz > /tmp/llama-build.log 2>&1; echo "llama.cpp build exit $?" >> /tmp/llama-build.log; stamp "llama.cpp built") &
+  : > /tmp/exl2-build.log
   (python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__, 'kernels ready')" > /tmp/exl2-build.log 2>&1; echo "exllamav2 build exit $?" >> /tmp/exl2-build.log; stamp "exllamav2 kernels built") &
-  python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets; print('imports ok: transformers', transformers.__version__)" || stamp "an import failed (above)"
+  python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets, bitsandbytes; print('imports ok: transformers', transformers.__version__)" || stamp "an import failed (above)"
+  touch "$SITE/.installed"
 }
 start_notebook() {  # run one notebook in the background; its record and log go to /tmp/runs
   stamp "start $1"
@@ -74,17 +78,15 @@ second)
   # second OUT (on the same machine, within 30 s of 'first'): bitsandbytes' and ExLlamaV2's episodes, then the
   # comparison, which reads every episode's table (07's from-scratch rows come from its first, CPU, cells).
   out="$2"; mkdir -p /tmp/runs
-  pip_install .gpu/bnb/*.whl && stamp "bitsandbytes installed"
+  install_all
   start_notebook 05-bitsandbytes; first=$!
-  start_notebook 07-exl2
+  after /tmp/exl2-build.log && start_notebook 07-exl2
   wait "$first" || true
   waited=0; until [ -s "$QUANTLESSON_CACHE/results/embedded/07-exl2.csv" ] || [ $waited -ge 240 ]; do sleep 5; waited=$((waited + 5)); done
   start_notebook 08-which-method
   wait || true
   collect "$out" 05-bitsandbytes 07-exl2 08-which-method
   ;;
-bnb)
-  pip_install .gpu/bnb/*.whl && stamp "bitsandbytes installed" ;;
 run)
   shift
   record="$1"; shift

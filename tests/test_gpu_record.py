@@ -1,0 +1,70 @@
+"""The committed record of whole notebooks run on a GPU (tools/gpu_notebooks.py) is complete, green and fresh.
+
+A learner in Colab or HPC Jupyter runs every cell on a GPU; the site build runs them on a CPU. The record
+says that each notebook, as it is now, with the helper package as it is now, ran start to end on a GPU.
+When this test fails after a change, run the notebooks again on a GPU (tools/gpu_run.sh says how).
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("gpu_notebooks", ROOT / "tools" / "gpu_notebooks.py")
+gpu_notebooks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_notebooks)
+RECORD = json.loads(gpu_notebooks.RECORD.read_text()) if gpu_notebooks.RECORD.exists() else []
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+RERUN = "run it again on a GPU: bash tools/gpu_run.sh (see tools/gpu_notebooks.py), then merge the record"
+
+
+def row(notebook: Path, model: str = "embedded") -> dict:
+    """The notebook's recorded GPU run; a notebook not yet run whole on a GPU is skipped, and the skip says so."""
+    rows = [r for r in RECORD if r["notebook"] == notebook.name and r.get("model") == model]
+    if not rows:
+        pytest.skip(f"{notebook.name} has no recorded GPU run on the {model} model yet: {RERUN}")
+    return rows[0]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_passed_whole_on_a_gpu(notebook):
+    result = row(notebook)
+    assert result["passed"], f"{notebook.name} failed on the GPU at cell {result.get('failed_cell')}: {result.get('error')}"
+    assert result["gpu"] != "none (CPU)" and result["torch"], result
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_gpu_run_is_of_the_notebook_and_package_as_they_are_now(notebook):
+    result = row(notebook)
+    assert result["notebook_hash"] == gpu_notebooks.notebook_hash(notebook), f"{notebook.name} changed since its GPU run: {RERUN}"
+    assert result["package_hash"] == gpu_notebooks.package_hash(), f"src/quantlesson changed since {notebook.name}'s GPU run: {RERUN}"
+
+
+def test_the_record_holds_runs_of_existing_notebooks_on_a_gpu():
+    assert RECORD, f"{gpu_notebooks.RECORD} is empty or missing: {RERUN}"
+    names = {n.name for n in NOTEBOOKS}
+    assert {r["notebook"] for r in RECORD} <= names, "the record names a notebook that no longer exists: merge a new run"
+    assert all("NVIDIA" in r["gpu"] or "AMD" in r["gpu"] for r in RECORD)
+
+
+def test_the_record_hashes_see_code_but_not_outputs(tmp_path):
+    notebook = {"cells": [{"cell_type": "code", "source": ["x = 1\n"], "outputs": []},
+                          {"cell_type": "markdown", "source": ["text"]}]}
+    first = tmp_path / "a.ipynb"
+    first.write_text(json.dumps(notebook))
+    before = gpu_notebooks.notebook_hash(first)
+    notebook["cells"][0]["outputs"] = [{"output_type": "stream", "text": "1"}]
+    notebook["cells"][1]["source"] = ["other text"]
+    first.write_text(json.dumps(notebook))
+    assert gpu_notebooks.notebook_hash(first) == before
+    notebook["cells"][0]["source"] = ["x = 2\n"]
+    first.write_text(json.dumps(notebook))
+    assert gpu_notebooks.notebook_hash(first) != before
+
+
+def test_magics_are_skipped_keeping_the_indentation():
+    code = 'if missing:\n    %pip install -q "quantlesson[lesson]"\n!ls\nx = 1'
+    assert gpu_notebooks.without_magics(code) == "if missing:\n    pass\npass\nx = 1"
+    compile(gpu_notebooks.without_magics(code), "cell", "exec")
