@@ -10,7 +10,9 @@ export LESSON_MODEL ?= embedded
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 # llama-cpp-python builds llama.cpp from source: with its command-line tools (llama-quantize, llama-imatrix, ...).
-LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
+# GGML_NATIVE=OFF: a portable build (AVX2). -march=native on a virtual CPU that advertises instructions it cannot
+# run gave quantized models an 'Illegal instruction' crash (seen on the lesson's build machines, 2026-12).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 timed = start=$$(date +%s); $(2); echo "[time] $(1): $$(( $$(date +%s) - start )) s"
 
 .PHONY: help html test tools lab env model versions bench linkcheck clean distclean
