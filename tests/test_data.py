@@ -61,3 +61,18 @@ def test_hub_data_offline_names_the_embedded_switch(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(LessonError, match="LESSON_MODEL=embedded"):
         data.evaluation_text()
+
+
+@pytest.mark.parametrize("max_tokens", [-5, 0, 1, 2.5, True])
+def test_a_bad_token_count_says_what_to_do(max_tokens):
+    with pytest.raises(LessonError, match="whole number of tokens"):
+        data.evaluation_tokens(None, max_tokens=max_tokens)
+
+
+def test_the_evaluation_budget_follows_size_and_device(tiny_llama, capsys):
+    assert data.evaluation_budget(tiny_llama) == 16_384 and not data.is_large_on_cpu(tiny_llama)
+    big = torch.nn.Linear(5000, 5000)  # 25 M parameters on the CPU: a laptop's budget
+    assert data.evaluation_budget(big) == 4_096 and data.is_large_on_cpu(big)
+    assert "4,096 tokens" in capsys.readouterr().out
+    with pytest.raises(LessonError, match="no parameters"):
+        data.evaluation_budget(torch.nn.ReLU())

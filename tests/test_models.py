@@ -169,3 +169,14 @@ def test_a_folder_with_a_broken_config_is_not_called_a_hub_failure(saved_copy):
 def test_the_load_line_names_the_device_the_model_is_on(saved_copy, capsys):
     models.load(str(saved_copy), device_map="cpu")
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("float32 on cpu")
+
+
+def test_a_module_without_a_config_gets_a_clear_error():
+    from quantlesson.scratch import awq, gptq
+
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    for call in (lambda: models.decoder_layers(plain),
+                 lambda: gptq.quantize_model(plain, torch.randint(0, 10, (4, 64)), bits=4, group_size=32, progress=False),
+                 lambda: awq.quantize_model(plain, torch.randint(0, 10, (4, 64)), bits=4, group_size=32)):
+        with pytest.raises(LessonError, match="no .config"):
+            call()

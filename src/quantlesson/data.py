@@ -205,8 +205,7 @@ LARGE_ON_CPU = 20_000_000  # parameters above which a CPU run is cut to a laptop
 def evaluation_budget(model, tokens: int = 16_384, cpu_tokens: int = 4_096) -> int:
     """How many evaluation tokens to score: ``tokens`` on a GPU or for a small model; ``cpu_tokens`` for a model
     of more than 20 M parameters on a CPU (so that a notebook on SmolLM2-135M finishes on a laptop). Prints the choice."""
-    parameters = sum(p.numel() for p in model.parameters())
-    device = next(model.parameters()).device
+    parameters, device = _size_and_device(model)
     chosen = cpu_tokens if device.type == "cpu" and parameters > LARGE_ON_CPU else tokens
     reason = "a large model on a CPU" if chosen != tokens else f"a {'small model' if device.type == 'cpu' else 'GPU'}"
     print(f"Evaluation budget: {chosen:,} tokens ({parameters / 1e6:.1f} M parameters on {device.type}: {reason})")
@@ -215,8 +214,16 @@ def evaluation_budget(model, tokens: int = 16_384, cpu_tokens: int = 4_096) -> i
 
 def is_large_on_cpu(model) -> bool:
     """True for a model of more than 20 M parameters on a CPU: notebooks then run shorter sweeps (and say so)."""
-    parameters = sum(p.numel() for p in model.parameters())
-    return next(model.parameters()).device.type == "cpu" and parameters > LARGE_ON_CPU
+    parameters, device = _size_and_device(model)
+    return device.type == "cpu" and parameters > LARGE_ON_CPU
+
+
+def _size_and_device(model) -> tuple[int, torch.device]:
+    """Number of parameters and the device of the first one (a clear error for a module without any)."""
+    parameters = list(model.parameters())
+    if not parameters:
+        raise LessonError(f"{type(model).__name__} has no parameters: pass the model returned by models.load().")
+    return sum(p.numel() for p in parameters), parameters[0].device
 
 
 def _python_version() -> str:

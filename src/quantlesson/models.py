@@ -285,6 +285,11 @@ def work_folder(name: str) -> Path:
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's stack of transformer blocks (``model.model.layers`` in Llama, ``model.model.decoder.layers`` in OPT)."""
+    if getattr(model, "config", None) is None:
+        raise LessonError(
+            f"{type(model).__name__} has no .config, so it is not a transformers model: the lesson's whole-model "
+            "functions take a model from models.load() (or AutoModelForCausalLM.from_pretrained)."
+        )
     count = getattr(model.config, "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count and name.endswith("layers"):
