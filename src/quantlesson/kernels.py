@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from quantlesson.errors import LessonError
-from quantlesson.models import require_cuda
+from quantlesson.models import require_capability
 from quantlesson.scratch import rtn
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -33,7 +33,7 @@ class Int4PackLinear(torch.nn.Module):
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
         super().__init__()
-        require_cuda("The int4 kernel (_weight_int4pack_mm)")
+        require_capability("PyTorch's int4 kernel (_weight_int4pack_mm)", 8, 0)
         out_features, in_features = codes.shape
         if group_size not in GROUP_SIZES or in_features % group_size:
             raise LessonError(f"The int4 kernel takes group sizes {GROUP_SIZES} dividing the input width ({in_features}).")
@@ -62,7 +62,7 @@ class Int4PackLinear(torch.nn.Module):
 
 def quantize_to_int4pack(model: torch.nn.Module, group_size: int = 128, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
     """Replace every linear layer but ``skip`` with an :class:`Int4PackLinear` (round-to-nearest), in place."""
-    require_cuda("The int4 kernel (_weight_int4pack_mm)")
+    require_capability("PyTorch's int4 kernel (_weight_int4pack_mm)", 8, 0)
     for name, linear in rtn.linear_layers(model, skip).items():
         rtn.replace_module(model, name, Int4PackLinear.from_linear(linear, group_size))
     return model

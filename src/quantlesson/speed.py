@@ -58,15 +58,22 @@ def decode_benchmark(
     twin: str, bandwidth: float, batches: tuple[int, ...] = (1,), new_tokens: int = 128, prompt_tokens: int = 64,
     int4_group_size: int = 128, compile: bool = True, plain_generate: bool = True,
 ) -> pd.DataFrame | None:  # fmt: skip
-    """Time every decode path of one shape twin in bfloat16 and in 4 bits; one row per path and batch."""
+    """Time every decode path of one shape twin in 16 bits and in 4 bits; one row per path and batch.
+
+    16 bits is bfloat16, or float16 on a GPU older than Ampere, where the int4 kernel does not run (skipped, with a message).
+    """
     from quantlesson import kernels
 
     if not gpu_available():
         return None
     rows = []
-    for weights in ("bfloat16", f"int4 g{int4_group_size}"):
-        model = models.twin(twin, dtype=torch.bfloat16, device="cuda")
-        if weights != "bfloat16":
+    dtype = models.default_dtype("cuda")  # bfloat16, or float16 on a GPU older than Ampere (T4, V100)
+    kinds = [models.dtype_name(dtype)]
+    if models.can_run("PyTorch's int4 kernel (_weight_int4pack_mm)", 8, 0):  # else it prints why it is skipped
+        kinds.append(f"int4 g{int4_group_size}")
+    for weights in kinds:
+        model = models.twin(twin, dtype=torch.bfloat16 if weights.startswith("int4") else dtype, device="cuda")
+        if weights.startswith("int4"):
             kernels.quantize_to_int4pack(model, int4_group_size)
         for batch in batches:
             ids = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), device="cuda",
