@@ -91,7 +91,9 @@ def decode_benchmark(
 
 
 def bitsandbytes_benchmark(twin: str = "Llama-3.2-1B", bandwidth: float | None = None, new_tokens: int = 64) -> pd.DataFrame | None:
-    """Memory and decode speed of a shape twin in bfloat16, NF4 (double quant) and LLM.int8() with bitsandbytes on a GPU.
+    """Memory and decode speed of a shape twin in 16 bits, NF4 (double quant) and LLM.int8() with bitsandbytes on a GPU.
+
+    16 bits (also NF4's compute dtype) is bfloat16, or float16 on a GPU older than Ampere.
 
     Each is timed with plain ``generate`` and, where its kernels allow, with a captured decode step.
     """
@@ -102,11 +104,12 @@ def bitsandbytes_benchmark(twin: str = "Llama-3.2-1B", bandwidth: float | None =
     if not gpu_available():
         return None
     folder = tempfile.mkdtemp(prefix="twin-")
-    models.twin(twin, dtype=torch.bfloat16, device="cuda").save_pretrained(folder)
+    half = models.default_dtype("cuda")  # bfloat16, or float16 on a GPU older than Ampere (T4, V100)
+    models.twin(twin, dtype=half, device="cuda").save_pretrained(folder)
     configs = {
-        "bfloat16": (None, torch.bfloat16),
+        models.dtype_name(half): (None, half),
         "NF4 + double quant": (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                  bnb_4bit_compute_dtype=torch.bfloat16), torch.bfloat16),
+                                                  bnb_4bit_compute_dtype=half), half),
         "LLM.int8()": (BitsAndBytesConfig(load_in_8bit=True), torch.float16),
     }
     rows = []
