@@ -159,8 +159,11 @@ def reference(model, ids: torch.Tensor, window: int = WINDOW, stride: int = STRI
     vocab = _vocab_size(model, ids)
     nbytes = (ids.numel() - 1) * vocab * 4
     if nbytes <= in_memory_limit:
-        rows = [log_probs.cpu() for log_probs, _ in _log_probs(model, ids, window, stride, progress)]
-        return Reference(ids, window, stride, vocab, log_probs=torch.cat(rows))
+        table, row = torch.empty(ids.numel() - 1, vocab), 0  # filled window by window: no second copy
+        for log_probs, _ in _log_probs(model, ids, window, stride, progress):
+            table[row : row + len(log_probs)] = log_probs.cpu()
+            row += len(log_probs)
+        return Reference(ids, window, stride, vocab, log_probs=table)
     from quantlesson.embedded import cache_root
 
     folder = Path(folder or cache_root() / "references")
