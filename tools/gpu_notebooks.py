@@ -104,19 +104,21 @@ def run(record: Path, notebooks: list[Path], timeout: float) -> int:
     """Run each notebook in a fresh process; append its row to ``record`` as soon as it ends."""
     rows = json.loads(record.read_text()) if record.exists() else []
     for notebook in notebooks:
-        command = [sys.executable, __file__, "_one", str(notebook.resolve())]
-        started = time.perf_counter()
+        # -X faulthandler: a crash in native code (llama.cpp, a CUDA kernel) still prints the Python line it came from
+        command = [sys.executable, "-X", "faulthandler", __file__, "_one", str(notebook.resolve())]
+        started, ended = time.perf_counter(), "timeout"
         try:
             result = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
             lines = result.stdout.splitlines()
             row = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+            ended = f"exit code {result.returncode}" + (f" (signal {-result.returncode})" if result.returncode < 0 else "")
         except subprocess.TimeoutExpired:
             row = None
         if row is None:
             from quantlesson import models
 
             row = {"notebook": notebook.name, "model": models.label(), "passed": False, "error": f"process ended without a result after "
-                   f"{time.perf_counter() - started:.0f} s (timeout {timeout:.0f} s or crash)",
+                   f"{time.perf_counter() - started:.0f} s ({ended}; timeout {timeout:.0f} s)",
                    "notebook_hash": notebook_hash(notebook), "package_hash": package_hash()}
         print(f"=== {row['notebook']}: {'passed' if row['passed'] else 'FAILED'} in {row.get('seconds', '?')} s", flush=True)
         rows = [r for r in rows if (r["notebook"], r.get("model")) != (row["notebook"], row.get("model"))] + [row]

