@@ -41,7 +41,9 @@ def _package_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-nb_execution_cache_path = os.environ.get("LESSON_JUPYTER_CACHE", str(HERE / ".jupyter_cache" / _package_digest()))
+# One cache per model as well: a build on LESSON_MODEL=smollm2-offline must not reuse the embedded model's outputs.
+_MODEL = os.environ.get("LESSON_MODEL", "hub-default").strip().replace("/", "--") or "hub-default"
+nb_execution_cache_path = os.environ.get("LESSON_JUPYTER_CACHE", str(HERE / ".jupyter_cache" / f"{_MODEL}-{_package_digest()}"))
 nb_execution_timeout = int(os.environ.get("LESSON_CELL_TIMEOUT", "900"))
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True

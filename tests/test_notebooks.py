@@ -114,3 +114,14 @@ def test_gpu_cells_keep_the_outputs_of_a_real_run(notebook):
     printed = "".join(text_of(c) for c in cells)
     assert "NVIDIA" in printed, f"{notebook.name}: the GPU cells' outputs do not name the GPU they ran on"
     assert "Traceback" not in printed and not [o for c in cells for o in c.outputs if o.output_type == "error"]
+
+
+def test_each_model_has_its_own_execution_cache(monkeypatch):
+    """A build on another model must execute the notebooks again, not serve the embedded model's outputs."""
+    import runpy
+
+    paths = {}
+    for model in ("embedded", "smollm2-offline"):
+        monkeypatch.setenv("LESSON_MODEL", model)
+        paths[model] = runpy.run_path(str(ROOT / "conf.py"))["nb_execution_cache_path"]
+    assert paths["embedded"] != paths["smollm2-offline"] and "smollm2-offline" in paths["smollm2-offline"]

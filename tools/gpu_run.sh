@@ -42,7 +42,9 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
 }
 start_notebook() {  # start_notebook NAME [OUT]: run one notebook in the background; record in OUT (or /tmp/runs), log in /tmp/runs
   stamp "start $1"
-  python3 tools/gpu_notebooks.py run "${2:-/tmp/runs}/record-$1.json" "notebooks/$1.ipynb" > "/tmp/runs/log-$1.txt" 2>&1 &
+  # 3 CPU threads each: several notebooks and two compilers share 16 cores. Unlimited, a 'rest' run (04 quantizes a
+  # float32 copy on the CPU for its proof) thrashed and ran past the 600 s limit (2026-12-03).
+  OMP_NUM_THREADS=3 python3 tools/gpu_notebooks.py run "${2:-/tmp/runs}/record-$1.json" "notebooks/$1.ipynb" > "/tmp/runs/log-$1.txt" 2>&1 &
 }
 diagnose_llama() {  # load the F16 GGUF that 06 wrote in a fresh process, verbosely: with and without CUDA initialised first
   local gguf; gguf=$(find "$QUANTLESSON_CACHE" -name '*F16.gguf' | head -1)
