@@ -86,3 +86,21 @@ def test_the_page_table_aligns_rows_by_method_bits_and_group(tmp_path, monkeypat
     assert {m for (k, m) in found if k == keys[2]} == {"embedded"}  # a row one model lacks stays alone
     assert all("twin" not in k[0] for k in keys)  # speed rows of shape twins are not quality rows
     assert lesson_results.rows("99-x", match=["gptq"])[0] == [("GPTQ", "4", "64")]
+
+
+def test_collect_copies_a_runs_tables_and_replaces_its_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_results, "FOLDER", tmp_path / "models")
+    monkeypatch.setattr(model_results, "RUNS", tmp_path / "models" / "runs.json")
+    results = tmp_path / "results" / "embedded"
+    results.mkdir(parents=True)
+    (results / "99-x.csv").write_text("episode,model,method,hardware\n99-x,embedded,RTN,CPU: test\n")
+    record = tmp_path / "record.json"
+    for passed in (False, True):  # a second run replaces the first one's row
+        record.write_text(json.dumps([{"notebook": "99-x.ipynb", "model": "embedded", "passed": passed, "seconds": 1.0}]))
+        model_results.collect(tmp_path / "results", record)
+    runs = json.loads(model_results.RUNS.read_text())
+    assert len(runs) == 1 and runs[0]["passed"] and runs[0]["hardware"] == "CPU: test" and runs[0]["tables"] == ["99-x.csv"]
+    assert (tmp_path / "models" / "embedded" / "99-x.csv").read_text().startswith("episode,model")
+    record.write_text(json.dumps([{"notebook": "99-x.ipynb", "model": "facebook/opt-125m", "passed": True}]))
+    with pytest.raises(SystemExit, match="pages show only"):
+        model_results.collect(tmp_path / "results", record)
