@@ -134,7 +134,8 @@ class ModelResults(SphinxDirective):
                     for text in key:
                         line += _cell(text, morerows=len(present) - 1)
                 top1 = row["top1"]
-                line += _cell(MODELS[model])
+                machine = str(row.get("hardware") or "")  # rows a GPU run measured (ExLlamaV2's) say so
+                line += _cell(MODELS[model] + (f" ({machine.removeprefix('GPU: ')})" if machine.startswith("GPU") else ""))
                 line += _cell(_number(row["size_mb"], 2))
                 line += _cell(_number(row["bits_per_weight"], 3))
                 line += _cell(_number(row["perplexity"], 2))
