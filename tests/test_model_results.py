@@ -49,8 +49,8 @@ def test_the_committed_run_is_of_the_notebook_and_package_as_they_are_now(notebo
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_a_notebook_that_records_rows_has_them_committed_for_both_models(notebook):
-    if "report.record(" not in notebook.read_text():
-        pytest.skip(f"{notebook.name} records no result rows")
+    if "model=models.label()" not in notebook.read_text():  # 08 records the GPU speed of shape twins only
+        pytest.skip(f"{notebook.name} records no result rows of the lesson's model")
     for model in model_results.MODELS:
         assert run_of(notebook, model)["tables"], f"{notebook.name} recorded no rows on {model}"
         assert list((model_results.FOLDER / model).glob(f"{notebook.stem}*.csv"))
