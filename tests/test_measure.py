@@ -87,7 +87,9 @@ def test_peak_memory_sees_an_allocation():
 
     code = (
         "import torch\nfrom quantlesson import measure\n"
-        "with measure.PeakMemory() as memory:\n    block = torch.ones(64 * 2**20 // 4)\n    del block\n"
+        "import time\nwith measure.PeakMemory() as memory:\n    block = torch.ones(64 * 2**20 // 4)\n"
+        "    time.sleep(0.05)  # ten sampling intervals: a busy machine may not sample the block's last pages sooner\n"
+        "    del block\n"
         "print(memory.increase)"
     )
     increase = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
