@@ -28,24 +28,25 @@ MODELS = {"embedded": "embedded", "smollm2-offline": "SmolLM2-135M-Instruct"}
 HEADER = ["method", "bits", "group", "model", "size (MB)", "bits / weight", "perplexity", "KLD", "top-1", "quantize (s)"]
 
 
-def _number(value, digits: int) -> str:
+def _float(value) -> float | None:
+    """The value as a number, or None for an empty or missing cell."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        return str(value) if value not in (None, "") else "–"
-    if math.isnan(number):
-        return "–"
+        return None
+    return None if math.isnan(number) else number
+
+
+def _number(value, digits: int) -> str:
+    number = _float(value)
+    if number is None:
+        return str(value) if value not in (None, "") and not isinstance(value, float) else "–"
     return f"{number:.{digits}f}"
 
 
 def _kld(value) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "–"
-    if math.isnan(number):
-        return "–"
-    return "0" if number == 0 else f"{number:.3g}"
+    number = _float(value)
+    return "–" if number is None else "0" if number == 0 else f"{number:.3g}"
 
 
 def _group(value) -> str:
