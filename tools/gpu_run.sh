@@ -46,17 +46,19 @@ start_notebook() {  # start_notebook NAME [OUT]: run one notebook in the backgro
   # float32 copy on the CPU for its proof) thrashed and ran past the 600 s limit (2026-12-03).
   OMP_NUM_THREADS=3 python3 tools/gpu_notebooks.py run "${2:-/tmp/runs}/record-$1.json" "notebooks/$1.ipynb" > "/tmp/runs/log-$1.txt" 2>&1 &
 }
-diagnose_llama() {  # load the F16 GGUF that 06 wrote in a fresh process, verbosely: with and without CUDA initialised first
-  local gguf; gguf=$(find "$QUANTLESSON_CACHE" -name '*F16.gguf' | head -1)
-  echo "GGUF: ${gguf:-none found}"; lscpu | grep -i 'model name\|flags' | cut -c1-400
-  for first in "import torch; torch.zeros(1, device='cuda')" "pass"; do
-    echo "=== first: $first"
-    python3 -X faulthandler -c "$first
-from llama_cpp import Llama
-llm = Llama(model_path='$gguf', n_ctx=512, n_batch=512, n_threads=1, logits_all=True, verbose=True)
-llm.eval(list(range(1, 300)))
-print('llama.cpp ran:', llm.scores[:299].shape)"
-    echo "exit code $?"
+diagnose_llama() {  # load the F16 GGUF that 06 wrote in fresh processes, several ways, with a native backtrace on a crash
+  local gguf lib; gguf=$(find "$QUANTLESSON_CACHE" -name '*F16.gguf' | head -1)
+  echo "GGUF: ${gguf:-none found}"; lscpu | grep -i 'model name\|flags' | cut -c1-400; gcc --version | head -1
+  command -v gdb || echo "no gdb"
+  gcc -shared -fPIC -O1 -o /tmp/segv_trace.so tools/segv_trace.c
+  for variant in raw vocab nommap plain cuda-first; do
+    echo "=== variant: $variant"
+    LD_PRELOAD=/tmp/segv_trace.so python3 tools/llama_diagnose.py "$gguf" "$variant" > /tmp/diag.txt 2>&1
+    echo "exit code $?"; tail -c 6000 /tmp/diag.txt
+    # name the native frames: addr2line on each library+offset the backtrace printed
+    grep -o '^/[^(]*\.so[^(]*(+0x[0-9a-f]*)' /tmp/diag.txt | sort -u | while IFS='(' read -r lib offset; do
+      echo "  $lib ${offset%)} -> $(addr2line -f -C -e "$lib" "${offset#+}" 2>/dev/null | head -1)"
+    done
   done
 }
 after() {  # wait until a build log says it ended (at most 8 minutes), then go on
@@ -89,6 +91,7 @@ first)
   after /tmp/llama-build.log && start_notebook 06-gguf
   wait || true
   tail -2 /tmp/exl2-build.log
+  grep -q '"passed": true' /tmp/runs/record-06-gguf.json 2>/dev/null || diagnose_llama > "$out/diagnose-llama.txt" 2>&1 || true
   collect "$out" 01-why-quantize 02-absmax-zeropoint 03-gptq 04-awq 06-gguf 10-where-next
   ;;
 second)
