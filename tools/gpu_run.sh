@@ -40,11 +40,13 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets, bitsandbytes; print('imports ok: transformers', transformers.__version__)" || stamp "an import failed (above)"
   touch "$SITE/.installed"
 }
-start_notebook() {  # start_notebook NAME [OUT]: run one notebook in the background; record in OUT (or /tmp/runs), log in /tmp/runs
-  stamp "start $1"
+start_notebook() {  # start_notebook NAME [OUT] [VAR=VALUE...]: run one notebook in the background, with the variables given;
+  # record in OUT (or /tmp/runs), log in /tmp/runs
+  local name=$1 out=${2:-/tmp/runs}; shift; [ $# -gt 0 ] && shift
+  stamp "start $name $*"
   # 3 CPU threads each: several notebooks and two compilers share 16 cores. Unlimited, a 'rest' run (04 quantizes a
   # float32 copy on the CPU for its proof) thrashed and ran past the 600 s limit (2026-12-03).
-  OMP_NUM_THREADS=3 python3 tools/gpu_notebooks.py run "${2:-/tmp/runs}/record-$1.json" "notebooks/$1.ipynb" > "/tmp/runs/log-$1.txt" 2>&1 &
+  env "$@" OMP_NUM_THREADS=3 python3 tools/gpu_notebooks.py run "$out/record-$name.json" "notebooks/$name.ipynb" > "/tmp/runs/log-$name.txt" 2>&1 &
 }
 diagnose_llama() {  # load the F16 GGUF that 06 wrote in fresh processes, several ways, with a native backtrace on a crash
   local gguf lib; gguf=$(find "$QUANTLESSON_CACHE" -name '*F16.gguf' | head -1)
@@ -60,6 +62,22 @@ diagnose_llama() {  # load the F16 GGUF that 06 wrote in fresh processes, severa
       echo "  $lib ${offset%)} -> $(addr2line -f -C -e "$lib" "${offset#+}" 2>/dev/null | head -1)"
     done
   done
+}
+llama_env() {  # llama_env LOG: print the variables under which llama-cpp-python loads a GGUF on this machine (the first of
+  # several that works). On the H200 (2026-12-03) it crashed in llama_model::print_info inside a libstdc++ stream
+  # call that resolved into /tmp/site/lib/libggml.so.0, while the CLI tools of the same build ran: see diagnose_llama.
+  local log=$1 std gguf=/tmp/pick-F16.gguf
+  std=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')
+  python3 -c "from quantlesson import llamacpp; llamacpp.convert('.gpu/model', '$gguf')" > "$log" 2>&1
+  { md5sum "$SITE"/lib/libggml*.so.0 "$SITE"/llama_cpp/lib/libggml*.so.0 "$SITE"/llama_cpp/lib/libllama.so
+    for lib in "$SITE"/lib/libggml.so.0 "$SITE"/llama_cpp/lib/libggml.so.0; do echo "$lib: $(nm -D --defined-only "$lib" | wc -l) symbols, $(nm -D --defined-only "$lib" | grep -c '_ZNS[od]') std stream symbols"; done
+    ldd "$SITE"/llama_cpp/lib/libllama.so; env -u LD_LIBRARY_PATH ldd "$SITE"/llama_cpp/lib/libllama.so | grep ggml; } >> "$log" 2>&1
+  for candidate in "LLAMA_ENV=plain" "LD_PRELOAD=$std" "LD_LIBRARY_PATH=" "LD_PRELOAD=$SITE/llama_cpp/lib/libllama.so" \
+                   "LD_LIBRARY_PATH=$SITE/llama_cpp/lib"; do
+    echo "=== $candidate" >> "$log"
+    if env "$candidate" timeout 120 python3 tools/llama_diagnose.py "$gguf" raw >> "$log" 2>&1; then echo "$candidate"; return; fi
+  done
+  echo "LLAMA_ENV=none-worked"
 }
 after() {  # wait until a build log says it ended (at most 8 minutes), then go on
   local waited=0
@@ -119,8 +137,11 @@ rest)
     case "$name" in 06-gguf|07-exl2) late+=("$name") ;; *) start_notebook "$name" "$out" ;; esac
   done
   for name in "${late[@]}"; do
-    case "$name" in 06-gguf) after /tmp/llama-build.log ;; 07-exl2) after /tmp/exl2-build.log ;; esac
-    start_notebook "$name" "$out"
+    case "$name" in
+    06-gguf) after /tmp/llama-build.log; variables=$(llama_env "$out/llama-env.txt"); stamp "llama.cpp loads with: $variables"
+             start_notebook "$name" "$out" "$variables" ;;
+    07-exl2) after /tmp/exl2-build.log; start_notebook "$name" "$out" ;;
+    esac
   done
   wait || true
   if [[ " ${names[*]} " == *" 06-gguf "* ]] && ! grep -q '"passed": true' "$out/record-06-gguf.json" 2>/dev/null; then
