@@ -39,7 +39,8 @@ def test_every_notebook_passed_whole_on_a_gpu(notebook):
 def test_the_gpu_run_is_of_the_notebook_and_package_as_they_are_now(notebook):
     result = row(notebook)
     assert result["notebook_hash"] == gpu_notebooks.notebook_hash(notebook), f"{notebook.name} changed since its GPU run: {RERUN}"
-    assert result["package_hash"] == gpu_notebooks.package_hash(), f"src/quantlesson changed since {notebook.name}'s GPU run: {RERUN}"
+    assert result["package_hash"] == gpu_notebooks.package_hash(notebook=notebook), (
+        f"a module of src/quantlesson that {notebook.name} imports changed since its GPU run: {RERUN}")
 
 
 def test_the_record_holds_runs_of_existing_notebooks_on_a_gpu():
@@ -69,3 +70,24 @@ def test_magics_are_skipped_keeping_the_indentation():
     code = 'if missing:\n    %pip install -q "quantlesson[lesson]"\n!ls\nx = 1'
     assert gpu_notebooks.without_magics(code) == "if missing:\n    pass\npass\nx = 1"
     compile(gpu_notebooks.without_magics(code), "cell", "exec")
+
+
+def test_the_package_hash_follows_the_modules_a_notebook_imports(tmp_path):
+    package = tmp_path / "src" / "quantlesson"
+    (package / "scratch").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "scratch" / "__init__.py").write_text("")
+    (package / "scratch" / "gptq.py").write_text("from quantlesson import errors\n")
+    (package / "errors.py").write_text("class LessonError(Exception): pass\n")
+    (package / "unused.py").write_text("x = 1\n")
+    notebook = tmp_path / "n.ipynb"
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "source": ["from quantlesson.scratch import gptq\n"]}]}))
+    files = {p.relative_to(package).as_posix() for p in gpu_notebooks.package_files(
+        "from quantlesson.scratch import gptq", tmp_path)}
+    assert files == {"__init__.py", "scratch/__init__.py", "scratch/gptq.py", "errors.py"}  # through gptq's own import
+    before = gpu_notebooks.package_hash(tmp_path, notebook)
+    (package / "unused.py").write_text("x = 2\n")  # a module the notebook never reaches
+    assert gpu_notebooks.package_hash(tmp_path, notebook) == before
+    assert gpu_notebooks.package_hash(tmp_path) != gpu_notebooks.package_hash(tmp_path, notebook)
+    (package / "errors.py").write_text("class LessonError(ValueError): pass\n")  # reached through gptq
+    assert gpu_notebooks.package_hash(tmp_path, notebook) != before

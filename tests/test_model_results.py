@@ -44,7 +44,8 @@ def test_every_notebook_ran_whole_on_both_models(notebook, model):
 def test_the_committed_run_is_of_the_notebook_and_package_as_they_are_now(notebook, model):
     run, again = run_of(notebook, model), RERUN.format(model=model, notebook=notebook.name)
     assert run["notebook_hash"] == model_results.gpu_notebooks.notebook_hash(notebook), f"{notebook.name} changed: {again}"
-    assert run["package_hash"] == model_results.gpu_notebooks.package_hash(), f"src/quantlesson changed: {again}"
+    assert run["package_hash"] == model_results.gpu_notebooks.package_hash(notebook=notebook), (
+        f"a module of src/quantlesson that {notebook.name} imports changed: {again}")
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

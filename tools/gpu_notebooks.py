@@ -11,12 +11,14 @@ magics (``%pip install``: the package is already importable there) are skipped.
 
 The record, ``results/gpu-notebooks.json``, holds for each notebook and model: pass or fail,
 seconds, the GPU, torch's version, and hashes of the notebook's code and of the helper
-package. ``tests/test_gpu_record.py`` fails when a row failed, or when a notebook or the
-package changed after its recorded run: then run it again on a GPU.
+package's modules it imports (directly or through other modules). ``tests/test_gpu_record.py``
+fails when a row failed, or when a notebook or a module it imports changed after its recorded
+run: then run it again on a GPU. A new module that no notebook imports leaves the record fresh.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -42,11 +44,51 @@ def notebook_hash(notebook: Path) -> str:
     return hashlib.sha256("\n\0".join(code_cells(notebook)).encode()).hexdigest()[:16]
 
 
-def package_hash(root: Path = ROOT) -> str:
-    """A hash of the helper package's source files (the code every notebook runs)."""
-    digest = hashlib.sha256()
+def imported_modules(code: str) -> set[str]:
+    """The ``quantlesson`` modules that Python code imports by name (``from quantlesson.scratch import gptq``
+    gives ``quantlesson.scratch`` and ``quantlesson.scratch.gptq``), wherever the import statement stands."""
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name == "quantlesson" or name.startswith("quantlesson.")}
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """The source file of module ``name`` under src/, or None when ``name`` is not a module (a function, say)."""
+    path = root / "src" / Path(*name.split("."))
+    return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
+
+
+def package_files(code: str, root: Path = ROOT) -> list[Path]:
+    """The helper package's files that code can run: the modules it imports, the modules those import, and so on,
+    with every package's ``__init__.py`` on the way and the package's data files (JSON)."""
     package = root / "src" / "quantlesson"
-    for path in sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".json")):
+    found: set[Path] = set(package.rglob("*.json"))
+    pending = [code]
+    while pending:
+        for name in imported_modules(pending.pop()):
+            parts = name.split(".")
+            for end in range(1, len(parts) + 1):  # quantlesson, quantlesson.scratch, quantlesson.scratch.gptq
+                path = module_file(".".join(parts[:end]), root)
+                if path is not None and path not in found:
+                    found.add(path)
+                    pending.append(path.read_text())
+    return sorted(found)
+
+
+def package_hash(root: Path = ROOT, notebook: Path | None = None) -> str:
+    """A hash of the helper package's source: of the files a notebook can run when one is given (so a module
+    the notebook never imports can change without making its recorded run stale), else of every file."""
+    package = root / "src" / "quantlesson"
+    if notebook is None:
+        files = sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".json"))
+    else:
+        files = package_files("\n".join(without_magics(cell) for cell in code_cells(notebook)), root)
+    digest = hashlib.sha256()
+    for path in files:
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -95,7 +137,7 @@ def run_notebook(notebook: Path) -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",
         "torch": torch.__version__,
         "notebook_hash": notebook_hash(notebook),
-        "package_hash": package_hash(),
+        "package_hash": package_hash(notebook=notebook),
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -119,7 +161,7 @@ def run(record: Path, notebooks: list[Path], timeout: float) -> int:
 
             row = {"notebook": notebook.name, "model": models.label(), "passed": False, "error": f"process ended without a result after "
                    f"{time.perf_counter() - started:.0f} s ({ended}; timeout {timeout:.0f} s)",
-                   "notebook_hash": notebook_hash(notebook), "package_hash": package_hash()}
+                   "notebook_hash": notebook_hash(notebook), "package_hash": package_hash(notebook=notebook)}
         print(f"=== {row['notebook']}: {'passed' if row['passed'] else 'FAILED'} in {row.get('seconds', '?')} s", flush=True)
         rows = [r for r in rows if (r["notebook"], r.get("model")) != (row["notebook"], row.get("model"))] + [row]
         record.parent.mkdir(parents=True, exist_ok=True)
