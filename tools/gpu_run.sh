@@ -64,15 +64,19 @@ diagnose_llama() {  # load the F16 GGUF that 06 wrote in fresh processes, severa
   done
 }
 llama_env() {  # llama_env LOG: print the variables under which llama-cpp-python loads a GGUF on this machine (the first of
-  # several that works). On the H200 (2026-12-03) it crashed in llama_model::print_info inside a libstdc++ stream
-  # call that resolved into /tmp/site/lib/libggml.so.0, while the CLI tools of the same build ran: see diagnose_llama.
+  # several that works). On the H200 (2026-12-03) it crashed (SIGSEGV at address 0x20) in llama_model::print_info,
+  # in std::ostream::_M_insert<long> whose code lay inside /tmp/site/lib/libggml.so.0: that build of libggml carries
+  # its own copy of libstdc++'s stream code (its local build does not). The CLI tools of the same build ran. Candidates:
+  # the system libstdc++ first (one copy for everyone), libggml first (symbols bind as in the CLI tools), no
+  # LD_LIBRARY_PATH (libllama's own RUNPATH).
   local log=$1 std gguf=/tmp/pick-F16.gguf
   std=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')
-  python3 -c "from quantlesson import llamacpp; llamacpp.convert('.gpu/model', '$gguf')" > "$log" 2>&1
+  python3 -c "from quantlesson import llamacpp; llamacpp.convert('.gpu/model', '$gguf', pre_tokenizer='gpt-2')" > "$log" 2>&1 \
+    || { echo "LLAMA_ENV=no-gguf"; return; }
   { md5sum "$SITE"/lib/libggml*.so.0 "$SITE"/llama_cpp/lib/libggml*.so.0 "$SITE"/llama_cpp/lib/libllama.so
     for lib in "$SITE"/lib/libggml.so.0 "$SITE"/llama_cpp/lib/libggml.so.0; do echo "$lib: $(nm -D --defined-only "$lib" | wc -l) symbols, $(nm -D --defined-only "$lib" | grep -c '_ZNS[od]') std stream symbols"; done
     ldd "$SITE"/llama_cpp/lib/libllama.so; env -u LD_LIBRARY_PATH ldd "$SITE"/llama_cpp/lib/libllama.so | grep ggml; } >> "$log" 2>&1
-  for candidate in "LLAMA_ENV=plain" "LD_PRELOAD=$std" "LD_LIBRARY_PATH=" "LD_PRELOAD=$SITE/llama_cpp/lib/libllama.so" \
+  for candidate in "LLAMA_ENV=plain" "LD_PRELOAD=$std" "LD_PRELOAD=$SITE/lib/libggml.so.0" "LD_LIBRARY_PATH=" \
                    "LD_LIBRARY_PATH=$SITE/llama_cpp/lib"; do
     echo "=== $candidate" >> "$log"
     if env "$candidate" timeout 120 python3 tools/llama_diagnose.py "$gguf" raw >> "$log" 2>&1; then echo "$candidate"; return; fi

@@ -21,6 +21,8 @@ if variant == "raw":
     print("default params:", {name: getattr(params, name) for name, _ in params._fields_ if "callback" not in name}, flush=True)
     model = llama_cpp.llama_model_load_from_file(path.encode(), params)
     print("loaded:", bool(model), flush=True)
+    if not model:
+        sys.exit(f"llama.cpp could not load {path}")
 else:
     options = {"vocab": {"vocab_only": True}, "nommap": {"use_mmap": False}}.get(variant, {})
     llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=1, logits_all=True, verbose=True, **options)
