@@ -4,13 +4,12 @@
 #
 #   here:   .venv/bin/python tools/gpu_bundle.py   # fills .gpu/ (ignored by git): wheels, sources, the embedded model
 #   there:  bash tools/gpu_run.sh first $OUT      # carry .gpu (~35 MB): installs, builds llama.cpp and ExLlamaV2's
-#                                                 # kernels, runs six notebooks at once
-#           bash tools/gpu_run.sh second $OUT     # carry .gpu again: episodes 05 and 07, then 08 (installs again
-#                                                 # first if the machine went back after 'first': 30 s idle is enough)
+#                                                 # kernels, runs 01-04, 06 and 10 at once
+#           bash tools/gpu_run.sh rest $OUT [NAME...]  # carry .gpu again, on a bare or warm machine: every notebook
+#                                                 # 'first' does not run (or those named), all at once; records land
+#                                                 # in $OUT as each ends, so a call that runs out of time keeps them
 #   here:   python tools/gpu_notebooks.py merge <each record.json>
 #
-#           bash tools/gpu_run.sh rest $OUT [NAME...]  # or, on a bare or warm machine: every notebook 'first' does not run
-#                                                 # (or those named), all at once; records land in $OUT as each ends
 # Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another).
 #
 # Everything lands under /tmp, which lasts as long as the machine stays up between calls.
@@ -106,35 +105,23 @@ setup)
 first)
   # first OUT: install, and run the notebooks that need neither bitsandbytes, ExLlamaV2 nor the other episodes'
   # tables, all at once (one GPU holds them all; timings inside them are then not comparable); 06 starts when
-  # llama.cpp is built. ExLlamaV2's kernels build meanwhile, for 'second'.
+  # llama.cpp is built. ExLlamaV2's kernels build meanwhile (for 'rest' on the same machine).
   out="$2"; mkdir -p /tmp/runs
   install_all
   for name in 01-why-quantize 02-absmax-zeropoint 03-gptq 04-awq 10-where-next; do start_notebook "$name"; done
-  after /tmp/llama-build.log && start_notebook 06-gguf
+  after /tmp/llama-build.log; variables=$(llama_env "$out/llama-env.txt"); stamp "llama.cpp loads with: $variables"
+  start_notebook 06-gguf /tmp/runs "$variables"
   wait || true
   tail -2 /tmp/exl2-build.log
   grep -q '"passed": true' /tmp/runs/record-06-gguf.json 2>/dev/null || diagnose_llama > "$out/diagnose-llama.txt" 2>&1 || true
   collect "$out" 01-why-quantize 02-absmax-zeropoint 03-gptq 04-awq 06-gguf 10-where-next
-  ;;
-second)
-  # second OUT (on the same machine, within 30 s of 'first'): bitsandbytes' and ExLlamaV2's episodes, then the
-  # comparison, which reads every episode's table (07's from-scratch rows come from its first, CPU, cells).
-  out="$2"; mkdir -p /tmp/runs
-  install_all
-  start_notebook 05-bitsandbytes; first=$!
-  after /tmp/exl2-build.log && start_notebook 07-exl2
-  wait "$first" || true
-  waited=0; until [ -s "$QUANTLESSON_CACHE/results/embedded/07-exl2.csv" ] || [ $waited -ge 240 ]; do sleep 5; waited=$((waited + 5)); done
-  start_notebook 08-which-method
-  wait || true
-  collect "$out" 05-bitsandbytes 07-exl2 08-which-method
   ;;
 rest)
   # rest OUT [NAME...] (a bare machine is fine): every notebook not named 'first's, or those named, all at once, 06 after
   # llama.cpp's build and 07 after ExLlamaV2's; each record is written to OUT as soon as its notebook ends, so a
   # call that runs out of time still brings back what finished. If 06 fails, llama.cpp is loaded alone, verbosely.
   out="$2"; shift 2; mkdir -p /tmp/runs
-  names=("$@"); [ ${#names[@]} -gt 0 ] || names=(04-awq 05-bitsandbytes 06-gguf 07-exl2 08-which-method)
+  names=("$@"); [ ${#names[@]} -gt 0 ] || names=(05-bitsandbytes 07-exl2 07b-formats-2026 08-which-method)
   install_all
   late=()
   for name in "${names[@]}"; do
