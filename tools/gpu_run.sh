@@ -11,6 +11,7 @@
 #   here:   python tools/gpu_notebooks.py merge <each record.json>
 #
 # Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another).
+# NO_BUILDS=1 skips building llama.cpp and ExLlamaV2 (for notebooks that need neither, when device time is short).
 #
 # Everything lands under /tmp, which lasts as long as the machine stays up between calls.
 set -euo pipefail
@@ -31,6 +32,7 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   PYPCRE_INCLUDE_DIR=/tmp/pcre/usr/include PYPCRE_LIBRARY_DIR=/tmp/pcre/usr/lib/x86_64-linux-gnu PYPCRE_FORCE_STATIC=1 \
     pip_install .gpu/w/*.tar.gz
   stamp "packages installed"
+  if [ -n "${NO_BUILDS:-}" ]; then touch "$SITE/.installed"; stamp "NO_BUILDS: llama.cpp and ExLlamaV2 not built"; return; fi
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
   (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \
      CMAKE_BUILD_PARALLEL_LEVEL=16 pip_install .gpu/llama_cpp_python-*.tar.gz > /tmp/llama-build.log 2>&1; echo "llama.cpp build exit $?" >> /tmp/llama-build.log; stamp "llama.cpp built") &
