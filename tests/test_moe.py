@@ -1,0 +1,64 @@
+"""Mixture-of-experts calibration from scratch, on a small random Qwen3-MoE with Qwen3-30B-A3B's expert layout."""
+
+import pytest
+import torch
+
+from quantlesson import LessonError
+from quantlesson.scratch import moe
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    """Qwen3-30B-A3B routes each token to 8 of 128 experts; the same here, with tiny widths."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=128, num_experts_per_tok=8,
+        max_position_embeddings=256,
+    )
+    model = Qwen3MoeForCausalLM(config).eval()
+    for block in moe.moe_blocks(model):  # a trained router is far from zero; transformers initialises it to zeros
+        block.gate.weight.data.normal_(0, 1)
+    return model
+
+
+def test_route_picks_the_same_experts_and_weights_as_transformers_router(tiny_moe):
+    gate = moe.moe_blocks(tiny_moe)[0].gate
+    x = torch.randn(50, 64)
+    _, their_weights, their_experts = gate(x)
+    experts, weights = moe.route(x, gate.weight, gate.top_k, gate.norm_topk_prob)
+    assert torch.equal(experts, their_experts)
+    assert torch.allclose(weights, their_weights)
+
+
+def test_every_token_reaches_top_k_experts_and_all_experts_sees_every_token(tiny_moe):
+    ids = torch.randint(0, 128, (1, 40))
+    counts = moe.expert_token_counts(moe.expert_inputs(tiny_moe, ids))
+    assert counts.shape == (2, 128)
+    assert torch.equal(counts.sum(1), torch.tensor([40 * 8, 40 * 8]))  # each of 40 tokens goes to 8 experts
+    everyone = moe.expert_token_counts(moe.expert_inputs(tiny_moe, ids, all_experts=True))
+    assert torch.all(everyone == 40)
+
+
+def test_an_expert_with_fewer_tokens_than_the_hidden_size_has_a_singular_hessian(tiny_moe):
+    inputs = moe.expert_inputs(tiny_moe, torch.randint(0, 128, (1, 40)))
+    for x in inputs[0]:
+        rank = torch.linalg.matrix_rank(moe.hessian(x)).item() if x.shape[0] else 0
+        assert rank <= min(x.shape[0], 64)
+
+
+def test_coverage_warns_or_raises_with_what_to_do(tiny_moe):
+    counts = moe.expert_token_counts(moe.expert_inputs(tiny_moe, torch.randint(0, 128, (1, 40))))
+    with pytest.warns(UserWarning, match="moe_calibrate_all_experts"):
+        starved = moe.check_coverage(counts, minimum=64)
+    assert starved and all(n < 64 for *_, n in starved)
+    with pytest.raises(LessonError, match="more and more varied calibration text"):
+        moe.check_coverage(counts, minimum=64, strict=True)
+    assert moe.check_coverage(torch.full((2, 128), 100), minimum=64) == []
+
+
+def test_a_dense_model_is_a_clear_error(tiny_llama):
+    with pytest.raises(LessonError, match="no mixture-of-experts layers"):
+        moe.moe_blocks(tiny_llama)
