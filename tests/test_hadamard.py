@@ -1,6 +1,8 @@
 """Randomized Hadamard rotations from scratch: orthogonal, equal to compressed-tensors' matrix for the same
 generator, outlier-spreading, and fused into a Llama without changing what it computes."""
 
+import copy
+
 import pytest
 import torch
 
@@ -51,6 +53,7 @@ def test_rotation_spreads_outliers_and_lowers_the_rtn_error():
 
 
 def test_rotating_the_residual_keeps_the_function(tiny_llama):
+    tiny_llama = copy.deepcopy(tiny_llama)  # the fixture is shared by the whole session: rotate a copy
     ids = torch.randint(0, 128, (2, 24))
     for module in tiny_llama.modules():  # norms with real scales, so folding them matters
         if "RMSNorm" in type(module).__name__:
