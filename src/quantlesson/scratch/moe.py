@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from quantlesson.errors import LessonError
+from quantlesson.scratch import gptq
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +83,10 @@ def expert_token_counts(inputs: list[list[torch.Tensor]]) -> torch.Tensor:
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
-    """GPTQ's ``H = 2 X^T X / n`` of one expert's inputs ``[n, hidden]`` (zeros when it saw no token)."""
-    x = x.double()
-    return 2 * x.T @ x / max(x.shape[0], 1)
+    """GPTQ's ``H = 2 X^T X``, summed as :func:`quantlesson.scratch.gptq.add_to_hessian` sums it, over one expert's
+    inputs ``[n, hidden]``, divided by its ``n`` tokens (zeros when it saw none)."""
+    total, _ = gptq.add_to_hessian(torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0, x)
+    return total / max(x.shape[0], 1)
 
 
 def check_coverage(counts: torch.Tensor, minimum: int, strict: bool = False) -> list[tuple[int, int, int]]:
