@@ -49,29 +49,16 @@ start_notebook() {  # start_notebook NAME [OUT] [VAR=VALUE...]: run one notebook
   # float32 copy on the CPU for its proof) thrashed and ran past the 600 s limit (2026-12-03).
   env "$@" OMP_NUM_THREADS=3 python3 tools/gpu_notebooks.py run "$out/record-$name.json" "notebooks/$name.ipynb" > "/tmp/runs/log-$name.txt" 2>&1 &
 }
-diagnose_llama() {  # load the F16 GGUF that 06 wrote in fresh processes, several ways, with a native backtrace on a crash
-  local gguf lib; gguf=$(find "$QUANTLESSON_CACHE" -name '*F16.gguf' | head -1)
-  echo "GGUF: ${gguf:-none found}"; lscpu | grep -i 'model name\|flags' | cut -c1-400; gcc --version | head -1
-  command -v gdb || echo "no gdb"
-  gcc -shared -fPIC -O1 -o /tmp/segv_trace.so tools/segv_trace.c
-  for variant in raw vocab nommap plain cuda-first; do
-    echo "=== variant: $variant"
-    LD_PRELOAD=/tmp/segv_trace.so python3 tools/llama_diagnose.py "$gguf" "$variant" > /tmp/diag.txt 2>&1
-    echo "exit code $?"; tail -c 6000 /tmp/diag.txt
-    # name the native frames: addr2line on each library+offset the backtrace printed
-    grep -o '^/[^(]*\.so[^(]*(+0x[0-9a-f]*)' /tmp/diag.txt | sort -u | while IFS='(' read -r lib offset; do
-      echo "  $lib ${offset%)} -> $(addr2line -f -C -e "$lib" "${offset#+}" 2>/dev/null | head -1)"
-    done
-  done
-}
-llama_env() {  # llama_env LOG: print the variables under which llama-cpp-python loads a GGUF on this machine (the first of
-  # several that works). On the H200 (2026-12-03) it crashed (SIGSEGV at address 0x20) in llama_model::print_info,
-  # in std::ostream::_M_insert<long> whose code lay inside /tmp/site/lib/libggml.so.0: that build of libggml carries
+llama_env() {  # llama_env LOG: print the variables under which llama-cpp-python loads and runs a GGUF on this machine
+  # (the first of several that works); LOG gets each try's output, with a native backtrace and named frames on a crash.
+  # On the H200 (2026-12-03) it crashed (SIGSEGV at address 0x20) in llama_model::print_info, in
+  # std::ostream::_M_insert<long> whose code lay inside /tmp/site/lib/libggml.so.0: that build of libggml carries
   # its own copy of libstdc++'s stream code (its local build does not). The CLI tools of the same build ran. Candidates:
   # the system libstdc++ first (one copy for everyone), libggml first (symbols bind as in the CLI tools), no
   # LD_LIBRARY_PATH (libllama's own RUNPATH).
-  local log=$1 std gguf=/tmp/pick-F16.gguf
+  local log=$1 std preload gguf=/tmp/pick-F16.gguf trace=/tmp/segv_trace.so
   std=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')
+  gcc -shared -fPIC -O1 -o "$trace" tools/segv_trace.c
   python3 -c "from quantlesson import llamacpp; llamacpp.convert('.gpu/model', '$gguf', pre_tokenizer='gpt-2')" > "$log" 2>&1 \
     || { echo "LLAMA_ENV=no-gguf"; return; }
   { md5sum "$SITE"/lib/libggml*.so.0 "$SITE"/llama_cpp/lib/libggml*.so.0 "$SITE"/llama_cpp/lib/libllama.so
@@ -80,7 +67,15 @@ llama_env() {  # llama_env LOG: print the variables under which llama-cpp-python
   for candidate in "LLAMA_ENV=plain" "LD_PRELOAD=$std" "LD_PRELOAD=$SITE/lib/libggml.so.0" "LD_LIBRARY_PATH=" \
                    "LD_LIBRARY_PATH=$SITE/llama_cpp/lib"; do
     echo "=== $candidate" >> "$log"
-    if env "$candidate" timeout 120 python3 tools/llama_diagnose.py "$gguf" raw >> "$log" 2>&1; then echo "$candidate"; return; fi
+    case "$candidate" in LD_PRELOAD=*) preload="${candidate#LD_PRELOAD=}:$trace" ;; *) preload=$trace ;; esac
+    if env "$candidate" LD_PRELOAD="$preload" timeout 120 python3 tools/llama_diagnose.py "$gguf" > /tmp/try.txt 2>&1; then
+      tail -c 2000 /tmp/try.txt >> "$log"; echo "$candidate"; return
+    fi
+    tail -c 6000 /tmp/try.txt >> "$log"
+    # name the native frames: addr2line on each library+offset the backtrace printed
+    grep -o '^/[^(]*\.so[^(]*(+0x[0-9a-f]*)' /tmp/try.txt | sort -u | while IFS='(' read -r lib offset; do
+      echo "  $lib ${offset%)} -> $(addr2line -f -C -e "$lib" "${offset#+}" 2>/dev/null | head -1)"
+    done >> "$log"
   done
   echo "LLAMA_ENV=none-worked"
 }
@@ -115,13 +110,12 @@ first)
   start_notebook 06-gguf /tmp/runs "$variables"
   wait || true
   tail -2 /tmp/exl2-build.log
-  grep -q '"passed": true' /tmp/runs/record-06-gguf.json 2>/dev/null || diagnose_llama > "$out/diagnose-llama.txt" 2>&1 || true
   collect "$out" 01-why-quantize 02-absmax-zeropoint 03-gptq 04-awq 06-gguf 10-where-next
   ;;
 rest)
   # rest OUT [NAME...] (a bare machine is fine): every notebook not named 'first's, or those named, all at once, 06 after
   # llama.cpp's build and 07 after ExLlamaV2's; each record is written to OUT as soon as its notebook ends, so a
-  # call that runs out of time still brings back what finished. If 06 fails, llama.cpp is loaded alone, verbosely.
+  # call that runs out of time still brings back what finished. OUT/llama-env.txt says how llama.cpp was loaded.
   out="$2"; shift 2; mkdir -p /tmp/runs
   names=("$@"); [ ${#names[@]} -gt 0 ] || names=(05-bitsandbytes 07-exl2 07b-formats-2026 08-which-method)
   install_all
@@ -137,9 +131,6 @@ rest)
     esac
   done
   wait || true
-  if [[ " ${names[*]} " == *" 06-gguf "* ]] && ! grep -q '"passed": true' "$out/record-06-gguf.json" 2>/dev/null; then
-    diagnose_llama > "$out/diagnose-llama.txt" 2>&1 || true
-  fi
   collect "$out" "${names[@]}"
   ;;
 run)
