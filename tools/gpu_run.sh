@@ -47,7 +47,10 @@ start_notebook() {  # start_notebook NAME [OUT] [VAR=VALUE...]: run one notebook
   stamp "start $name $*"
   # 3 CPU threads each: several notebooks and two compilers share 16 cores. Unlimited, a 'rest' run (04 quantizes a
   # float32 copy on the CPU for its proof) thrashed and ran past the 600 s limit (2026-12-03).
-  env "$@" OMP_NUM_THREADS=3 python3 tools/gpu_notebooks.py run "$out/record-$name.json" "notebooks/$name.ipynb" > "/tmp/runs/log-$name.txt" 2>&1 &
+  # the log goes to OUT as well, so that a call that runs out of time still brings back how far each notebook got
+  local copy="$out/log-$name.txt"; [ "$out" = /tmp/runs ] && copy=/dev/null
+  env "$@" OMP_NUM_THREADS=3 python3 tools/gpu_notebooks.py run "$out/record-$name.json" "notebooks/$name.ipynb" 2>&1 \
+    | tee "/tmp/runs/log-$name.txt" > "$copy" &
 }
 llama_env() {  # llama_env LOG: print the variables under which llama-cpp-python loads and runs a GGUF on this machine
   # (the first of several that works); LOG gets each try's output, with a native backtrace and named frames on a crash.
@@ -89,6 +92,7 @@ collect() {  # collect OUT NAME...: OUT/record.json with every row, OUT/logs.txt
     { echo "########## $name"; tail -n 150 "/tmp/runs/log-$name.txt"; } >> "$out/logs.txt"
     grep "^=== " "/tmp/runs/log-$name.txt" || echo "=== $name: no result"
   done
+  cp results/gpu-*.csv "$out/" 2>/dev/null || true  # the GPU tables the notebooks wrote on this run, to commit from it
   python3 -c "import json, sys, glob; json.dump([r for f in sorted(glob.glob('/tmp/runs/record-*.json') + glob.glob(sys.argv[1] + '/record-*.json')) for r in json.load(open(f))], open(sys.argv[1] + '/record.json', 'w'), indent=1)" "$out"
 }
 
@@ -114,20 +118,20 @@ first)
   ;;
 rest)
   # rest OUT [NAME...] (a bare machine is fine): every notebook not named 'first's, or those named, all at once, 06 after
-  # llama.cpp's build and 07 after ExLlamaV2's; each record is written to OUT as soon as its notebook ends, so a
+  # llama.cpp's build (07 starts at once: its first cells need no kernels, and importing exllamav2 waits on the build
+  # under way through torch's extension lock); each record is written to OUT as soon as its notebook ends, so a
   # call that runs out of time still brings back what finished. OUT/llama-env.txt says how llama.cpp was loaded.
   out="$2"; shift 2; mkdir -p /tmp/runs
   names=("$@"); [ ${#names[@]} -gt 0 ] || names=(05-bitsandbytes 07-exl2 07b-formats-2026 08-which-method)
   install_all
   late=()
   for name in "${names[@]}"; do
-    case "$name" in 06-gguf|07-exl2) late+=("$name") ;; *) start_notebook "$name" "$out" ;; esac
+    case "$name" in 06-gguf) late+=("$name") ;; *) start_notebook "$name" "$out" ;; esac
   done
   for name in "${late[@]}"; do
     case "$name" in
     06-gguf) after /tmp/llama-build.log; variables=$(llama_env "$out/llama-env.txt"); stamp "llama.cpp loads with: $variables"
              start_notebook "$name" "$out" "$variables" ;;
-    07-exl2) after /tmp/exl2-build.log; start_notebook "$name" "$out" ;;
     esac
   done
   wait || true
