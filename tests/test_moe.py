@@ -62,3 +62,20 @@ def test_coverage_warns_or_raises_with_what_to_do(tiny_moe):
 def test_a_dense_model_is_a_clear_error(tiny_llama):
     with pytest.raises(LessonError, match="no mixture-of-experts layers"):
         moe.moe_blocks(tiny_llama)
+
+
+def test_gptq_from_tokens_is_gptq_on_that_hessian_and_beats_rtn_on_the_tokens_it_saw():
+    from quantlesson.scratch import gptq, rtn
+
+    torch.manual_seed(0)
+    W, X = torch.randn(32, 64), torch.randn(500, 64) * torch.linspace(0.1, 3, 64)  # uneven input channels
+    ours = moe.gptq_from_tokens(W, X, bits=4, group_size=32)
+    codes, scale, zero = gptq.gptq(W, moe.hessian(X), 4, 32, symmetric=True)
+    assert torch.equal(torch.round(rtn.grouped(ours, 32) / scale[..., None]).to(torch.int8).reshape(W.shape), codes)  # dequantized codes
+    assert moe.output_error(W, ours, X) < moe.output_error(W, rtn.fake_quantize(W, 4, 32), X)
+    assert moe.output_error(W, W, X) == 0
+
+
+def test_gptq_from_no_tokens_says_what_to_do():
+    with pytest.raises(LessonError, match="all_experts=True"):
+        moe.gptq_from_tokens(torch.randn(8, 32), torch.zeros(0, 32))

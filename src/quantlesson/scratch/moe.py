@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from quantlesson.errors import LessonError
-from quantlesson.scratch import gptq
+from quantlesson.scratch import gptq, rtn
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,3 +108,20 @@ def check_coverage(counts: torch.Tensor, minimum: int, strict: bool = False) -> 
             raise LessonError(message)
         warnings.warn(message, stacklevel=2)
     return starved
+
+
+def gptq_from_tokens(W: torch.Tensor, X: torch.Tensor, bits: int = 4, group_size: int | None = 32) -> torch.Tensor:
+    """``W [out, in]`` quantized by GPTQ with the Hessian of the ``n`` calibration inputs ``X [n, in]`` an expert saw;
+    returned dequantized, in float32. No tokens is a clear error (there is no Hessian to use)."""
+    if X.shape[0] == 0:
+        raise LessonError("This expert saw no calibration tokens, so GPTQ has no Hessian: route calibration through every "
+                          "expert (expert_inputs(..., all_experts=True)) or quantize it without calibration (RTN).")
+    codes, scale, zero = gptq.gptq(W.float(), hessian(X.float()), bits, group_size, symmetric=True)  # [out, in], [out, groups]
+    restored = rtn.dequantize(rtn.grouped(codes, group_size), scale[..., None].float(), zero[..., None].float())
+    return restored.reshape(W.shape)
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
+    """Relative error of a layer's outputs on inputs ``X [n, in]``: ``||X (W_hat - W)^T||^2 / ||X W^T||^2``."""
+    X, W = X.float(), W.float()
+    return ((X @ (W_hat.float() - W).T).pow(2).sum() / (X @ W.T).pow(2).sum()).item()
