@@ -79,3 +79,37 @@ def test_gptq_from_tokens_is_gptq_on_that_hessian_and_beats_rtn_on_the_tokens_it
 def test_gptq_from_no_tokens_says_what_to_do():
     with pytest.raises(LessonError, match="all_experts=True"):
         moe.gptq_from_tokens(torch.randn(8, 32), torch.zeros(0, 32))
+
+
+def test_llmcompressor_calibration_feeds_each_expert_the_tokens_ours_does(tiny_moe):
+    """llm-compressor linearizes the experts (one nn.Linear each) and, under moe_calibrate_all_experts, runs every
+    token through every expert: each expert's GPTQ hooks see the tokens moe.expert_inputs gives, routed or
+    all-experts (the same count and Hessian; the order differs, which a Hessian does not see)."""
+    import copy
+
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    library = linearize_moe(copy.deepcopy(tiny_moe))
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    experts = [m for m in library.modules() if type(m).__name__ == "LinearExperts2D"]
+    assert len(experts) == 2
+    for layer, module in enumerate(experts):
+        for index in range(module.num_experts):  # the list holds the experts, then the activation
+            expert = module[index]
+            expert.up_proj.register_forward_pre_hook(
+                lambda _, args, key=(layer, index): seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1])))
+
+    for all_experts in (False, True):
+        seen.clear()
+        with torch.no_grad(), (moe_calibration_context() if all_experts else torch.enable_grad()):
+            logits = library(ids).logits
+        ours = moe.expert_inputs(tiny_moe, ids, all_experts=all_experts)
+        for (layer, index), x in seen.items():  # the same tokens (in another order): the same count and Hessian
+            assert x.shape == ours[layer][index].shape
+            assert torch.allclose(moe.hessian(x.detach()), moe.hessian(ours[layer][index]), atol=1e-5)
+        assert {key for key, x in seen.items() if len(x)} == {
+            (layer, index) for layer in range(2) for index in range(128) if len(ours[layer][index])}
+        with torch.no_grad():
+            assert torch.allclose(logits, tiny_moe(ids).logits, atol=1e-5)  # the outputs never change
