@@ -113,3 +113,46 @@ def test_llmcompressor_calibration_feeds_each_expert_the_tokens_ours_does(tiny_m
             (layer, index) for layer in range(2) for index in range(128) if len(ours[layer][index])}
         with torch.no_grad():
             assert torch.allclose(logits, tiny_moe(ids).logits, atol=1e-5)  # the outputs never change
+
+
+def test_llama_cpp_imatrix_counts_the_tokens_each_expert_saw_as_we_do(embedded, tmp_path):
+    """llama-imatrix keeps, per expert tensor, a `.counts` tensor: one count per expert, one more per routed token.
+    On a random Qwen3-MoE converted to GGUF (float32), over the chunks llama-imatrix reads, it equals
+    moe.expert_token_counts up to near-ties: llama.cpp sums in its own order, so a token whose 8th and 9th
+    expert scores almost tie can go either way (and the difference grows a little after the first layer)."""
+    import gguf
+    import numpy as np
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from quantlesson import data, llamacpp
+
+    _, tokenizer = embedded
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=128, num_experts_per_tok=8,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen3MoeForCausalLM(config).eval()
+    for block in moe.moe_blocks(model):
+        block.gate.weight.data.normal_(0, 1)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    converted = llamacpp.convert(tmp_path / "hf", tmp_path / "moe.gguf", outtype="f32", pre_tokenizer="gpt-2")
+    text = data.embedded_text("calibration")[:20_000]  # the text that ships with Python: no hub needed
+    (tmp_path / "calibration.txt").write_text(text)
+    chunks, length = 4, 256
+    imatrix = llamacpp.importance_matrix(converted, tmp_path / "calibration.txt", tmp_path / "imatrix.gguf",
+                                         context=length, chunks=chunks, threads=1)  # fmt: skip
+    reader = gguf.GGUFReader(str(imatrix))
+    theirs = torch.stack([
+        torch.from_numpy(next(t for t in reader.tensors if t.name == f"blk.{layer}.ffn_up_exps.weight.counts").data.ravel().astype(np.int64))
+        for layer in range(2)
+    ])  # fmt: skip
+
+    ids = torch.tensor(tokenizer(text).input_ids[: chunks * length]).view(chunks, length)  # the chunks llama-imatrix reads
+    ours = moe.expert_token_counts(moe.expert_inputs(model, ids))
+    assert theirs.shape == ours.shape == (2, 128)
+    assert torch.equal(theirs.sum(1), ours.sum(1))  # every token counted once per expert it went to: 4 x 256 x 8
+    moved = (theirs - ours).abs().sum(1) / 2  # routing decisions that went to another expert
+    assert moved[0] <= 0.001 * ours[0].sum() and moved[1] <= 0.005 * ours[1].sum(), moved
