@@ -167,3 +167,16 @@ def test_push_to_hub_command_is_runnable_python(tmp_path):
     for bad in ("no-owner", "a/b/c", "/name", ""):
         with pytest.raises(LessonError, match="owner/name"):
             modelcard.push_to_hub_command(tmp_path, bad)
+
+
+def test_a_local_base_model_is_named_not_linked(tmp_path):
+    card = modelcard.write_model_card(
+        tmp_path, base_model="embedded", method="RTN", bits=4, group_size=128, calibration=None,
+        results=[{"method": "RTN", "perplexity": 1.0, "kld": 0.1, "top1": 0.9}], library_versions={"torch": "2.13.0"},
+    ).read_text()
+    assert "huggingface.co/embedded" not in card and "`embedded`" in card
+    linked = modelcard.write_model_card(
+        tmp_path, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", method="RTN", bits=4, group_size=64, calibration=None,
+        results=[{"method": "RTN", "perplexity": 1.0, "kld": 0.1, "top1": 0.9}], library_versions={"torch": "2.13.0"},
+    ).read_text()
+    assert "(https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in linked

@@ -118,11 +118,18 @@ def library_name(method: str) -> str | None:
     return LIBRARY_NAMES.get(method, "transformers")
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` looks like a Hub repository id (``owner/name``), which the card can link to."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
 def _description(base_model: str, method: str, bits: float, group_size: int | None) -> str:
     """The short description: what the method does, and the settings used."""
     note = METHOD_NOTES.get(method, f"{method}: see its documentation for what it stores.")
     groups = f"{group_size} weights per scale" if group_size else "one scale per output channel"
-    return (f"A quantized version of [{base_model}](https://huggingface.co/{base_model}), made with the lesson "
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if _is_hub_id(base_model) else f"`{base_model}`"
+    return (f"A quantized version of {base}, made with the lesson "
             f"*Quantizing large language models*.\n\n{note}\n\n"
             f"## Settings\n\n| setting | value |\n| --- | --- |\n| method | {_cell(method)} |\n| bits | {_cell(bits)} |\n"
             f"| group size | {groups} |\n")  # fmt: skip
