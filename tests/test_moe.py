@@ -7,21 +7,25 @@ from quantlesson import LessonError
 from quantlesson.scratch import moe
 
 
-@pytest.fixture(scope="module")
-def tiny_moe():
-    """Qwen3-30B-A3B routes each token to 8 of 128 experts; the same here, with tiny widths."""
+def random_qwen3_moe(vocab_size: int = 128, **extra):
+    """Qwen3-30B-A3B routes each token to 8 of 128 experts; the same here, with tiny widths and a random router."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=128, num_experts_per_tok=8,
-        max_position_embeddings=256,
+        max_position_embeddings=512, **extra,
     )
     model = Qwen3MoeForCausalLM(config).eval()
     for block in moe.moe_blocks(model):  # a trained router is far from zero; transformers initialises it to zeros
         block.gate.weight.data.normal_(0, 1)
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    return random_qwen3_moe()
 
 
 def test_route_picks_the_same_experts_and_weights_as_transformers_router(tiny_moe):
@@ -122,20 +126,11 @@ def test_llama_cpp_imatrix_counts_the_tokens_each_expert_saw_as_we_do(embedded, 
     expert scores almost tie can go either way (and the difference grows a little after the first layer)."""
     import gguf
     import numpy as np
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from quantlesson import data, llamacpp
 
     _, tokenizer = embedded
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=128, num_experts_per_tok=8,
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    model = Qwen3MoeForCausalLM(config).eval()
-    for block in moe.moe_blocks(model):
-        block.gate.weight.data.normal_(0, 1)
+    model = random_qwen3_moe(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     converted = llamacpp.convert(tmp_path / "hf", tmp_path / "moe.gguf", outtype="f32", pre_tokenizer="gpt-2")
