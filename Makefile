@@ -12,7 +12,12 @@ export TOKENIZERS_PARALLELISM := false
 # llama-cpp-python builds llama.cpp from source: with its command-line tools (llama-quantize, llama-imatrix, ...).
 # GGML_NATIVE=OFF: a portable build (AVX2). -march=native on a virtual CPU that advertises instructions it cannot
 # run gave quantized models an 'Illegal instruction' crash (seen on the lesson's build machines, 2026-12).
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
+# LLAMA_BUILD_SERVER=ON: llama-server (episode 9b serves a model); its web page is left out (UI options OFF: no
+# download, no npm). The built wheel is kept in a folder named after these options and the Python version, because
+# pip's own wheel cache ignores CMAKE_ARGS (a cached build without the server would be reused).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+LLAMA_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' requirements.txt)
+LLAMA_WHEELS ?= $(HOME)/.cache/quantlesson/wheels/llama_cpp_python-$(LLAMA_VERSION)-$(shell { $(PYTHON) --version; echo '$(LLAMA_CMAKE_ARGS)'; } | sha256sum | cut -c1-12)
 timed = start=$$(date +%s); $(2); echo "[time] $(1): $$(( $$(date +%s) - start )) s"
 
 .PHONY: help html test tools lab env model versions bench linkcheck clean distclean
@@ -26,8 +31,16 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@$(call timed,environment,\
 	  test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/python -m pip install -q --upgrade pip; \
-	  echo "Installing the pinned packages; llama-cpp-python compiles llama.cpp and its tools once (5-15 min on 2 cores; pip caches the result)"; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt; \
+	  if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    echo "Compiling llama.cpp and its tools once into $(LLAMA_WHEELS) (6-15 min on 2 cores)"; \
+	    rm -rf $(LLAMA_WHEELS).partial; \
+	    CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir --no-binary llama_cpp_python \
+	      -c constraints.txt "llama_cpp_python==$(LLAMA_VERSION)" -w $(LLAMA_WHEELS).partial; \
+	    mv $(LLAMA_WHEELS).partial $(LLAMA_WHEELS); fi; \
+	  echo "Installing the pinned packages"; \
+	  $(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) -c constraints.txt -r requirements.txt; \
+	  $(BIN)/python -c "import glob; assert glob.glob('$(VENV)/lib/python*/site-packages/bin/llama-server')" 2>/dev/null \
+	    || $(BIN)/python -m pip install -q --force-reinstall --no-deps --no-index --find-links $(LLAMA_WHEELS) "llama_cpp_python==$(LLAMA_VERSION)"; \
 	  $(BIN)/python -m pip install -q --no-deps -e .; \
 	  $(BIN)/python -m quantlesson.llamacpp)
 	@touch $@
@@ -39,6 +52,7 @@ versions: env
 	@$(BIN)/python -m quantlesson.versions > _static_/versions.md
 
 html: model versions  ## Build the site, executing every CPU notebook (on the embedded model unless LESSON_MODEL is set)
+	@$(call timed,notebooks,$(BIN)/python tools/execute_notebooks.py)
 	@$(call timed,site build,$(BIN)/sphinx-build $(SPHINXOPTS) -b html . _build/html)
 	@$(BIN)/python tools/notebook_times.py
 	@echo "The site is in _build/html/index.html"
@@ -57,7 +71,8 @@ lab: model  ## Open the notebooks in JupyterLab from the lesson's environment
 
 bench: model versions  ## Time a clean site build and a rebuild with nothing changed, and print the figures
 	rm -rf _build .jupyter_cache
-	@$(call timed,clean build,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
+	@$(call timed,clean build: notebooks,$(BIN)/python tools/execute_notebooks.py)
+	@$(call timed,clean build: site,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
 	@$(call timed,first rebuild with nothing changed,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
 	@$(call timed,second rebuild with nothing changed,$(BIN)/sphinx-build $(SPHINXOPTS) -q -b html . _build/html)
 

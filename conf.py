@@ -22,6 +22,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx-mathjax-offline",  # MathJax served from the site itself: math renders without internet
     "lesson_results",  # {model-results}: an episode's committed rows on both offline models
+    "notebook_output",  # {notebook-output}: a tagged notebook cell's output, from this build, on the episode page
 ]
 
 # MyST: colon fences for admonitions, $...$ math, definition lists, {term} links.

@@ -203,6 +203,38 @@ def test_quantize_types_and_errors(converted, tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob("*.partial"))
 
 
+def test_server_answers_like_the_library_and_stops(converted):
+    """llama-server's greedy completion is llama-cpp-python's, through the OpenAI-compatible API; bounded and local."""
+    from quantlesson import llamacpp
+
+    prompt = "def fibonacci(n):"
+    library = llama_cpp.Llama(model_path=str(converted), n_ctx=512, verbose=False)
+    expected = library.create_completion(prompt, max_tokens=12, temperature=0)["choices"][0]["text"]
+    library.close()
+    with llamacpp.Server(converted, start_timeout=60, request_timeout=60) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        reply = server.complete(prompt, max_tokens=12)
+        chat = server.chat([{"role": "user", "content": "hello"}], max_tokens=4)
+    assert reply["choices"][0]["text"] == expected
+    assert reply["usage"]["completion_tokens"] == 12 and chat["object"] == "chat.completion"
+    assert server.process.poll() is not None  # stopped when the block ended
+    with pytest.raises(OSError):
+        llamacpp._request(f"{server.url}/models", None, timeout=2)
+
+
+def test_server_errors_say_what_to_do(tmp_path):
+    from quantlesson import llamacpp
+
+    with pytest.raises(LessonError, match="No GGUF file"):
+        llamacpp.Server(tmp_path / "missing.gguf")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF not really")
+    server = llamacpp.Server(broken, start_timeout=30)
+    with pytest.raises(LessonError, match="llama-server"):
+        server.__enter__()
+    assert server.process.poll() is not None  # nothing left running
+
+
 def test_unknown_tokenizer_needs_the_pre_tokenizer_name(embedded, converted, tmp_path):
     """The converter refuses the lesson's own tokenizer unless told its pre-tokenizer (see llamacpp.convert)."""
     from quantlesson import llamacpp

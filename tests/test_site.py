@@ -80,3 +80,54 @@ def test_a_failing_cell_fails_the_build(tmp_path):
     )
     assert build.returncode != 0
     assert "deliberate" in build.stdout + build.stderr
+
+
+def _output_project(tmp_path, tag: str) -> subprocess.CompletedProcess:
+    """A page that shows a notebook cell's output with {notebook-output}, built with the lesson's configuration."""
+    import nbformat
+
+    (tmp_path / "_static_").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "conf.py").write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom conf import *\n")
+    (tmp_path / "index.md").write_text("# Test\n\n```{toctree}\npage\nnotebooks/demo\n```\n")
+    (tmp_path / "page.md").write_text(f"# Page\n\n:::{{notebook-output}} demo {tag}\n:::\n")
+    cell = nbformat.v4.new_code_cell("print(6 * 7)", metadata={"tags": ["result-answer"]})
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="the answer is 42\n")]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Demo"), cell])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "notebooks" / "demo.ipynb")
+    env = {**os.environ, "LESSON_EXECUTION": "off", "LESSON_JUPYTER_CACHE": str(tmp_path / ".cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(tmp_path), str(tmp_path / "_build")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def test_notebook_output_shows_the_tagged_cell_on_the_page(tmp_path):
+    build = _output_project(tmp_path, "result-answer")
+    assert build.returncode == 0, build.stdout + build.stderr
+    page = (tmp_path / "_build" / "page.html").read_text()
+    block = page[page.index('class="notebook-output'):]
+    assert "the answer is 42" in block and 'href="notebooks/demo.html"' in block
+    assert "print(6 * 7)" not in page  # the output, not the code
+
+
+def test_notebook_output_with_an_unknown_tag_fails_the_build(tmp_path):
+    build = _output_project(tmp_path, "result-missing")
+    assert build.returncode != 0
+    assert "no cell carries that tag" in build.stdout + build.stderr
+
+
+def test_every_page_shows_its_tagged_results(site):
+    """Each {notebook-output} on a page names a tag its notebook carries, and the built page shows an output there."""
+    import nbformat
+
+    used = 0
+    for page in sorted((ROOT / "content").glob("*.md")):
+        for stem, tag in re.findall(r"^:::\{notebook-output\} (\S+) (\S+)$", page.read_text(), flags=re.M):
+            notebook = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", nbformat.NO_CONVERT)
+            assert any(tag in c.metadata.get("tags", []) for c in notebook.cells), f"{page.name}: no cell of {stem} has tag {tag}"
+            used += 1
+        html = (site / "content" / page.with_suffix(".html").name).read_text()
+        assert "(missing output" not in html, page.name
+    assert used >= 20  # the episodes show their proofs, sweeps and verdicts

@@ -36,7 +36,8 @@ WHEELS = ["compressed-tensors", "llmcompressor", "loguru", "gguf", "diskcache", 
           "exllamav2==0.3.2", "fastparquet", "cramjam", "websockets"]
 SOURCES = ["gptqmodel", "hqq", "lazy-importer", "LogBar", "TokeNicer", "Device-SMI", "Defuser", "PyPcre"]
 DEBIAN = ["libpcre2-dev", "libpcre2-8-0"]
-TRIM = ["docs", "benches", "tools/ui", "tools/mtmd/test-1.jpeg", "examples", ".git"]
+TRIM = ["docs", "benches", "tools/ui/src", "tools/ui/tests", "tools/ui/static", "tools/ui/package-lock.json",  # the server builds without its web page
+        "tools/mtmd/test-1.jpeg", "examples", ".git"]
 
 
 def pinned(name: str) -> str:

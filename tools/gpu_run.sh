@@ -34,7 +34,7 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   stamp "packages installed"
   if [ -n "${NO_BUILDS:-}" ]; then touch "$SITE/.installed"; stamp "NO_BUILDS: llama.cpp and ExLlamaV2 not built"; return; fi
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
-  (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \
+  (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \
      CMAKE_BUILD_PARALLEL_LEVEL=16 pip_install .gpu/llama_cpp_python-*.tar.gz > /tmp/llama-build.log 2>&1; echo "llama.cpp build exit $?" >> /tmp/llama-build.log; stamp "llama.cpp built") &
   : > /tmp/exl2-build.log
   (python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__, 'kernels ready')" > /tmp/exl2-build.log 2>&1; echo "exllamav2 build exit $?" >> /tmp/exl2-build.log; stamp "exllamav2 kernels built") &

@@ -9,8 +9,9 @@ https://github.com/ggml-org/llama.cpp``, build with CMake) and its
 Without a clone, it uses what the pinned ``llama-cpp-python`` package brings:
 its source distribution vendors llama.cpp, converter included (extracted once
 into the lesson's cache), and ``make env`` builds it with the command-line
-tools (``CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON ..."``),
-which land in the environment's ``site-packages/bin``.
+tools (``CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAMA_BUILD_SERVER=ON ..."``),
+which land in the environment's ``site-packages/bin``. :class:`Server` runs ``llama-server`` for one
+``with`` block and talks to its OpenAI-compatible API with the standard library.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from quantlesson import embedded
 from quantlesson.errors import LessonError
 
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-server")  # the programs the lesson runs; `make env` checks them
 TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
          "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_XS")  # fmt: skip
 NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_M", "IQ2_XS")  # llama-quantize refuses these without an importance matrix
@@ -91,7 +93,8 @@ def tool(name: str) -> str:
         return str(built)
     raise LessonError(
         f"{name} was not found. `make env` builds llama-cpp-python with llama.cpp's tools; if you installed it "
-        'yourself, reinstall with CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF" '
+        'yourself, reinstall with CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAMA_BUILD_SERVER=ON '
+        '-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAVA_BUILD=OFF" '
         f"pip install --force-reinstall --no-cache-dir llama-cpp-python=={package_version()}. Or: {CLONE_HINT}"
     )
 
@@ -235,5 +238,100 @@ def decode_speed(model: LlamaCppModel, prompt: torch.Tensor, new_tokens: int = 6
     return new_tokens / (time.perf_counter() - start)
 
 
+class Server:
+    """llama.cpp's ``llama-server`` on this machine for one ``with`` block: an OpenAI-compatible endpoint.
+
+        with llamacpp.Server("model-Q8_0.gguf") as server:
+            reply = server.complete("def fibonacci(n):", max_tokens=32)
+
+    It listens on 127.0.0.1 only, on a free port; it is stopped when the block ends, also on an error.
+    Starting waits at most ``start_timeout`` seconds for ``/health``, and every request ``request_timeout``.
+    """
+
+    def __init__(self, path: str | Path, context: int = 512, threads: int = 2, start_timeout: float = 120.0,
+                 request_timeout: float = 120.0):  # fmt: skip
+        if not Path(path).is_file():
+            raise LessonError(f"No GGUF file at {path}: convert and quantize a model first (llamacpp.convert, llamacpp.quantize).")
+        self.path, self.context, self.threads = Path(path), context, threads
+        self.start_timeout, self.request_timeout = start_timeout, request_timeout
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL of the OpenAI-compatible API, as a client library wants it (``.../v1``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> Server:
+        import socket
+        import tempfile
+        import time
+
+        with socket.socket() as probe:  # a free port
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        environment = dict(os.environ)
+        libraries = Path(sysconfig.get_paths()["purelib"]) / "lib"
+        environment["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libraries), environment.get("LD_LIBRARY_PATH")]))
+        self._log = tempfile.TemporaryFile(mode="w+")
+        command = [tool("llama-server"), "-m", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
+                   "-c", str(self.context), "-t", str(self.threads), "-np", "1", "--no-webui"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.close()
+                raise LessonError(f"llama-server stopped at start (exit {self.process.returncode}):\n{self._tail()}")
+            try:
+                if _request(f"http://127.0.0.1:{self.port}/health", None, timeout=2.0).get("status") == "ok":
+                    return self
+            except OSError:  # not listening yet, or 503 while the model loads
+                pass
+            time.sleep(0.2)
+        log = self._tail()
+        self.close()
+        raise LessonError(f"llama-server did not answer /health within {self.start_timeout:.0f} s:\n{log}")
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def complete(self, prompt: str, max_tokens: int = 32) -> dict:
+        """``POST /v1/completions``, greedy: the reply as JSON (text in ``["choices"][0]["text"]``)."""
+        return _request(f"{self.url}/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                        timeout=self.request_timeout)  # fmt: skip
+
+    def chat(self, messages: list[dict], max_tokens: int = 32) -> dict:
+        """``POST /v1/chat/completions`` with the GGUF file's chat template, greedy."""
+        return _request(f"{self.url}/chat/completions", {"messages": messages, "max_tokens": max_tokens, "temperature": 0},
+                        timeout=self.request_timeout)  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the server (terminate, then kill after 10 s)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def _tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read()[-3000:]
+
+
+def _request(url: str, payload: dict | None, timeout: float) -> dict:
+    """GET (no payload) or POST JSON to ``url``; the JSON reply. Raises OSError when the server does not answer."""
+    import json
+    import urllib.request
+
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 if __name__ == "__main__":  # `python -m quantlesson.llamacpp`: `make env` keeps the converter, so notebooks need no network
     print(f"llama.cpp converter: {source_folder() / 'convert_hf_to_gguf.py'}")
+    for program in TOOLS:
+        print(f"{program}: {tool(program)}")  # a LessonError that says how to build it, if it is missing

@@ -12,7 +12,7 @@ from importlib import metadata
 PACKAGES = (
     "torch", "transformers", "accelerate", "datasets", "llmcompressor", "compressed-tensors",
     "gptqmodel", "bitsandbytes", "optimum", "gguf", "llama_cpp_python", "exllamav2", "peft", "hqq",
-    "numpy", "sphinx", "sphinx-lesson", "myst-nb",
+    "lm_eval", "numpy", "sphinx", "sphinx-lesson", "myst-nb",
 )  # fmt: skip
 
 
