@@ -33,7 +33,9 @@ PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x8
 # Not on the GPU machine's image, as binary wheels for CPython 3.12 (versions from constraints.txt where pinned there).
 WHEELS = ["compressed-tensors", "llmcompressor", "loguru", "gguf", "diskcache", "torchao", "optimum", "datasets", "dill",
           "multiprocess", "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "termcolor", "einops",
-          "exllamav2==0.3.2", "fastparquet", "cramjam", "websockets"]
+          "exllamav2==0.3.2", "fastparquet", "cramjam", "websockets",
+          # lm-evaluation-harness (09b) and what it imports for a multiple-choice task, beyond the image's packages
+          "lm_eval", "sacrebleu", "portalocker", "narwhals", "pytz", "chardet", "lxml", "cloudpickle", "joblib"]
 SOURCES = ["gptqmodel", "hqq", "lazy-importer", "LogBar", "TokeNicer", "Device-SMI", "Defuser", "PyPcre"]
 DEBIAN = ["libpcre2-dev", "libpcre2-8-0"]
 TRIM = ["docs", "benches", "tools/ui/src", "tools/ui/tests", "tools/ui/static", "tools/ui/package-lock.json",  # the server builds without its web page

@@ -7,7 +7,6 @@ Modules, each with one job:
 * :mod:`quantlesson.measure` -- size on disk, memory by dtype and kind, bits per weight, latency
 * :mod:`quantlesson.evaluate` -- perplexity, KL divergence, top-1 agreement
 * :mod:`quantlesson.report` -- the lesson's results table and its plots
-* :mod:`quantlesson.tasks` -- accuracy on a multiple-choice task built offline (lm-evaluation-harness and from scratch)
 * :mod:`quantlesson.scratch` -- the quantizers written from scratch, one short module per method
 * :mod:`quantlesson.compat` -- each workaround for a library bug, linked to its upstream issue
 """
