@@ -61,7 +61,8 @@ def execute(path: Path, timeout: int, threads: int):
     """Run one notebook in its own folder, as myst-nb does; the executed notebook, seconds and any traceback."""
     from jupyter_cache.executors.utils import single_nb_execution
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # the kernel inherits it
+    if threads:  # the kernel inherits it; one notebook at a time keeps the environment myst-nb would give it
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     notebook = nbformat.read(path, nbformat.NO_CONVERT)
     result = single_nb_execution(notebook, cwd=str(path.parent), allow_errors=False, timeout=timeout, meta_override=True)
     return notebook, result.time, result.exc_string if result.err else None
@@ -81,10 +82,10 @@ def main() -> int:
         print("[notebooks] every notebook is cached in its current form")
         return 0
     threads = max(1, cores // jobs)
-    print(f"[notebooks] executing {len(waiting)} notebooks, {jobs} at a time, {threads} thread(s) each")
+    print(f"[notebooks] executing {len(waiting)} notebooks, {jobs} at a time" + (f", {threads} thread(s) each" if jobs > 1 else ""))
     cache, start = get_cache(cache_path), time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        running = {pool.submit(execute, path, timeout, threads): path for path in waiting}
+        running = {pool.submit(execute, path, timeout, threads if jobs > 1 else 0): path for path in waiting}
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
