@@ -18,16 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from quantlesson import chat
+from quantlesson import chat, modelcard
 from quantlesson.errors import LessonError
 
 TASK_NAME = "lesson_docstrings"
@@ -77,19 +75,6 @@ def docstring_items(split: str = "evaluation", n: int | None = None, choices: in
     return items
 
 
-def _write_atomically(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(scratch, path)
-    except BaseException:
-        Path(scratch).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def task_config(data_file: Path, name: str = TASK_NAME) -> dict:
     """The lm-eval task config (the YAML's content) for a JSON-lines file of items."""
     metric = {"aggregation": "mean", "higher_is_better": True}
@@ -120,9 +105,9 @@ def write_task(folder: str | Path, items: list[dict], name: str = TASK_NAME) -> 
         raise LessonError("No items to write: make them with tasks.docstring_items().")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data_file = _write_atomically(folder / f"{name}.jsonl", "".join(json.dumps(item) + "\n" for item in items))
+    data_file = modelcard._write_atomically(folder / f"{name}.jsonl", "".join(json.dumps(item) + "\n" for item in items))
     header = "# An lm-evaluation-harness task written by quantlesson.tasks.write_task; it reads only local files.\n"
-    return _write_atomically(folder / f"{name}.yaml", header + yaml.safe_dump(task_config(data_file, name), sort_keys=False))
+    return modelcard._write_atomically(folder / f"{name}.yaml", header + yaml.safe_dump(task_config(data_file, name), sort_keys=False))
 
 
 @contextlib.contextmanager
@@ -135,6 +120,23 @@ def _quiet(logger_name: str = "lm_eval", level: int = logging.ERROR) -> Iterator
         yield
     finally:
         logger.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _datasets_offline() -> Iterator[None]:
+    """``datasets`` offline for a block: the task is a local file, so nothing may be fetched.
+
+    ``datasets`` reads ``HF_DATASETS_OFFLINE`` once, at its first import; imported earlier without it and with an
+    empty cache, its json loader reached for s3.amazonaws.com (seen in the lesson's CI).
+    """
+    import datasets.config
+
+    saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
 
 
 def harness_accuracy(model, tokenizer, folder: str | Path, name: str = TASK_NAME, batch_size: int = 8,
@@ -154,7 +156,7 @@ def harness_accuracy(model, tokenizer, folder: str | Path, name: str = TASK_NAME
 
     if not (Path(folder) / f"{name}.yaml").exists():
         raise LessonError(f"No task {name!r} in {folder}: write it first with tasks.write_task(folder, items).")
-    with _quiet():
+    with _quiet(), _datasets_offline():
         # A copy of the tokenizer: the harness sets a padding token on the one it is given.
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, softmax_dtype=torch.float32)
         results = simple_evaluate(
