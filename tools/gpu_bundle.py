@@ -36,7 +36,7 @@ WHEELS = ["compressed-tensors", "llmcompressor", "loguru", "gguf", "diskcache", 
           "exllamav2==0.3.2", "fastparquet", "cramjam", "websockets",
           # lm-evaluation-harness (09b) and what it imports for a multiple-choice task, beyond the image's packages
           "lm_eval", "sacrebleu", "portalocker", "narwhals", "pytz", "chardet", "lxml", "cloudpickle", "joblib"]
-SOURCES = ["gptqmodel", "hqq", "lazy-importer", "LogBar", "TokeNicer", "Device-SMI", "Defuser", "PyPcre"]
+SOURCES = ["gptqmodel", "hqq", "gemlite==0.6.0.post2", "lazy-importer", "LogBar", "TokeNicer", "Device-SMI", "Defuser", "PyPcre"]
 DEBIAN = ["libpcre2-dev", "libpcre2-8-0"]
 TRIM = ["docs", "benches", "tools/ui/src", "tools/ui/tests", "tools/ui/static", "tools/ui/package-lock.json",  # the server builds without its web page
         "tools/mtmd/test-1.jpeg", "examples", ".git"]
