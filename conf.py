@@ -32,13 +32,14 @@ myst_heading_anchors = 3
 # Notebooks: executed by myst-nb through jupyter-cache; a failing cell fails the build.
 nb_execution_mode = os.environ.get("LESSON_EXECUTION", "cache")
 def _package_digest() -> str:
-    """A hash of the helper package's code: notebooks cached under another version re-execute."""
+    """A hash of the helper package's code and of the committed GPU measurements that notebooks read
+    (``results/gpu-*.csv``): notebooks cached under another version re-execute."""
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted((HERE / "src" / "quantlesson").rglob("*")):
-        if path.suffix in (".py", ".json"):
-            digest.update(path.relative_to(HERE).as_posix().encode() + path.read_bytes())
+    files = [p for p in (HERE / "src" / "quantlesson").rglob("*") if p.suffix in (".py", ".json")]
+    for path in sorted(files + list((HERE / "results").glob("gpu-*.csv"))):
+        digest.update(path.relative_to(HERE).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
