@@ -101,6 +101,7 @@ def test_the_summary_takes_each_paths_best_way_of_decoding():
     assert table.loc[("twin", "int4 gemlite"), "decode b1"] == 240 and table.loc[("twin", "bfloat16"), "decode b16"] == 90
     assert table.loc[("twin", "int4 gemlite"), "x bfloat16 b1"] == pytest.approx(240 / 150)
     assert table.loc[("twin", "int4 gemlite"), "bound share b1"] == pytest.approx(0.24)
+    assert table.loc[("twin", "no matmuls (floor)"), "bound share b1"] != table.loc[("twin", "no matmuls (floor)"), "bound share b1"]  # NaN: it reads no weights
     assert kernelbench.floor_ms(_runs(), "twin") == pytest.approx(1000 / 800)
     with pytest.raises(LessonError, match="No floor measurement for other"):
         kernelbench.floor_ms(_runs(), "other")

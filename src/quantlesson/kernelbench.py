@@ -368,7 +368,7 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     first = runs.groupby(["model", "weights"], sort=False)[["kernel", "layer_error", "top1_agreement", "prefill_tokens_per_s"]].first()
     table = first.join(decode)
     batch1 = best[best["batch"] == 1].set_index(["model", "weights"])
-    table["bound share b1"] = batch1["roofline_fraction"]
+    table["bound share b1"] = batch1["roofline_fraction"].where(batch1.index.get_level_values("weights") != "no matmuls (floor)")
     baseline = table["decode b1"].xs("bfloat16", level="weights")
     table["x bfloat16 b1"] = table["decode b1"] / baseline.reindex(table.index.get_level_values("model")).to_numpy()
     order = {name: i for i, name in enumerate(WEIGHTS)}
