@@ -117,12 +117,13 @@ first)
   collect "$out" 01-why-quantize 02-absmax-zeropoint 03-gptq 04-awq 06-gguf 10-where-next
   ;;
 rest)
+  # 08b-kernels times kernels against each other: run it alone ('rest OUT 08b-kernels'), never beside other notebooks.
   # rest OUT [NAME...] (a bare machine is fine): every notebook not named 'first's, or those named, all at once, 06 and 09b
   # after llama.cpp's build (07 starts at once: its first cells need no kernels, and importing exllamav2 waits on the build
   # under way through torch's extension lock); each record is written to OUT as soon as its notebook ends, so a
   # call that runs out of time still brings back what finished. OUT/llama-env.txt says how llama.cpp was loaded.
   out="$2"; shift 2; mkdir -p /tmp/runs
-  names=("$@"); [ ${#names[@]} -gt 0 ] || names=(05-bitsandbytes 07-exl2 07b-formats-2026 08-which-method 09b-use-it)
+  names=("$@"); [ ${#names[@]} -gt 0 ] || names=(05-bitsandbytes 07-exl2 07b-formats-2026 07c-exl3 08-which-method 09b-use-it)
   install_all
   late=()
   for name in "${names[@]}"; do

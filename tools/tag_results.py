@@ -25,7 +25,12 @@ TAGS = {
     "07b-formats-2026": {"result-proof-minifloat": "patterns = torch.arange(256", "result-proof-scales": "from compressed_tensors.quantization import preset_name_to_scheme",
                          "result-proof-bytes": "import gguf\nimport numpy", "result-sweep": "def kld_of(", "result-fp8-speed": "fp8_run = pd.read_csv(",
                          "result-rotation": "kld = {}\nfor bits in (4, 3):"},
+    "07c-exl3": {"result-codebook": "values = trellis.codebook(", "result-trellis": "layer = models.decoder_layers(model)[1]",
+                 "result-trellis-plot": "fig, ax = plt.subplots(figsize=(6, 3.5))", "result-states": "import time"},
     "08-which-method": {"result-families": "def family(", "result-best": "four_bit = quantized["},
+    "08b-kernels": {"result-classes": "from transformers import BitsAndBytesConfig", "result-decompressed": "import copy",
+                    "result-kernel-table": "runs = pd.concat(", "result-roofline": "best = kernelbench.best_decode(runs)",
+                    "result-batches": "fig, axes = plt.subplots(", "result-verdict": "twin = twins[-1]"},
     "09b-use-it": {"result-gpus": "gpus = {", "result-reloaded": "eval_ids = data.evaluation_tokens(", "result-chat": "from quantlesson import chat"},
     "10-where-next": {"result-kv": "def kv_bytes_per_token(config, bits=16):"},
 }
