@@ -27,3 +27,11 @@ def embedded():
     from quantlesson import models
 
     return models.load("embedded", device="cpu")
+
+
+@pytest.fixture
+def fake_t4(monkeypatch):
+    """Make torch see a Tesla T4 (compute capability 7.5): for the messages of paths that need 8.0 or newer."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")

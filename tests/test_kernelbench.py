@@ -43,10 +43,7 @@ def test_without_a_gpu_gemlite_says_what_to_do(monkeypatch, capsys):
         kernelbench.quantize_to_gemlite(torch.nn.Sequential(torch.nn.Linear(256, 256)))
 
 
-def test_on_a_t4_gemlite_names_the_capability_it_needs(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+def test_on_a_t4_gemlite_names_the_capability_it_needs(fake_t4):
     with pytest.raises(LessonError, match=r"compute capability 8\.0 or newer.*Tesla T4"):
         kernelbench.quantize_to_gemlite(torch.nn.Sequential(torch.nn.Linear(256, 256)))
 

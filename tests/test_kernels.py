@@ -12,9 +12,6 @@ def test_without_a_gpu_the_int4_path_says_what_to_do(monkeypatch):
         kernels.quantize_to_int4pack(torch.nn.Sequential(torch.nn.Linear(256, 256)))
 
 
-def test_on_a_t4_the_int4_path_names_the_capability_it_needs(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+def test_on_a_t4_the_int4_path_names_the_capability_it_needs(fake_t4):
     with pytest.raises(LessonError, match=r"compute capability 8\.0 or newer.*Tesla T4.*7\.5"):
         kernels.quantize_to_int4pack(torch.nn.Sequential(torch.nn.Linear(256, 256)))
