@@ -34,6 +34,7 @@ PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x8
 WHEELS = ["compressed-tensors", "llmcompressor", "loguru", "gguf", "diskcache", "torchao", "optimum", "datasets", "dill",
           "multiprocess", "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "termcolor", "einops",
           "exllamav2==0.3.2", "fastparquet", "cramjam", "websockets",
+          "exllamav3==1.6.5", "llguidance", "marisa-trie",  # ExLlamaV3 (07c) beyond the image's rich, pillow, ninja
           # lm-evaluation-harness (09b) and what it imports for a multiple-choice task, beyond the image's packages
           "lm_eval", "sacrebleu", "portalocker", "narwhals", "pytz", "chardet", "lxml", "cloudpickle", "joblib"]
 SOURCES = ["gptqmodel", "hqq", "gemlite==0.6.0.post2", "lazy-importer", "LogBar", "TokeNicer", "Device-SMI", "Defuser", "PyPcre"]

@@ -12,6 +12,7 @@
 #
 # Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another).
 # NO_BUILDS=1 skips building llama.cpp and ExLlamaV2 (for notebooks that need neither, when device time is short).
+# EXL3=1 builds ExLlamaV3's kernels in the background (07c's GPU cells): EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh rest $OUT 07c-exl3
 #
 # Everything lands under /tmp, which lasts as long as the machine stays up between calls.
 set -euo pipefail
@@ -32,6 +33,10 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   PYPCRE_INCLUDE_DIR=/tmp/pcre/usr/include PYPCRE_LIBRARY_DIR=/tmp/pcre/usr/lib/x86_64-linux-gnu PYPCRE_FORCE_STATIC=1 \
     pip_install .gpu/w/*.tar.gz
   stamp "packages installed"
+  if [ -n "${EXL3:-}" ]; then  # EXL3=1: ExLlamaV3's kernels build in the background (about 5 minutes), also with NO_BUILDS
+    : > /tmp/exl3-build.log
+    (python3 -c "import exllamav3, exllamav3.ext; print('exllamav3 kernels ready')" > /tmp/exl3-build.log 2>&1; echo "exllamav3 build exit $?" >> /tmp/exl3-build.log; stamp "exllamav3 kernels built") &
+  fi
   if [ -n "${NO_BUILDS:-}" ]; then touch "$SITE/.installed"; stamp "NO_BUILDS: llama.cpp and ExLlamaV2 not built"; return; fi
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
   (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \

@@ -1,0 +1,23 @@
+"""Convert the Llama-3.2-1B shape twin to EXL3 4.0 bpw and time its decode at batch 1 (quantlesson.exl3.twin_speed).
+
+    python tools/gpu_exl3_twin.py results/gpu-exl3.csv
+
+The same as 07c-exl3's twin cell (LESSON_CONVERT_TWIN=1), run apart from the notebook so that a run cut
+short still keeps the notebook's record. On the lesson's GPU machine, after tools/gpu_run.sh installed exllamav3.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from quantlesson import exl3, models, report
+
+if __name__ == "__main__":
+    if not exl3.available():
+        sys.exit(1)
+    _, tokenizer = models.load(device="cpu")  # any tokenizer: the twin's text is noise
+    twin = exl3.twin_speed("Llama-3.2-1B", tokenizer, models.work_folder("07c-exl3-twin"), bits=4.0)
+    print({key: round(value, 3) for key, value in twin.items()}, flush=True)
+    report.record(sys.argv[1], episode="07c-exl3", model="Llama-3.2-1B (shape twin)", bits=4, bits_per_weight=4.0,
+                  method="EXL3 4.0 bpw, ExLlamaV3 generator, batch 1", size_mb=round(twin["size_bytes"] / 1e6, 1),
+                  decode_tok_s=round(twin["decode_tok_s"], 1), quant_seconds=round(twin["quant_seconds"], 1))
