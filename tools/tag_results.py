@@ -27,7 +27,7 @@ TAGS = {
                          "result-rotation": "kld = {}\nfor bits in (4, 3):"},
     "07c-exl3": {"result-codebook": "values = trellis.codebook(", "result-trellis": "layer = models.decoder_layers(model)[1]",
                  "result-trellis-plot": "fig, ax = plt.subplots(figsize=(6, 3.5))", "result-states": "import time",
-                 "result-exl3-table": "gpu_exl3_file, gpu_exl2_file = Path("},
+                 "result-exl3-table": "from pathlib import Path\n\nfrom quantlesson import exl3, report"},
     "08-which-method": {"result-families": "def family(", "result-best": "four_bit = quantized["},
     "08b-kernels": {"result-classes": "from transformers import BitsAndBytesConfig", "result-decompressed": "import copy",
                     "result-kernel-table": "runs = pd.concat(", "result-roofline": "best = kernelbench.best_decode(runs)",
