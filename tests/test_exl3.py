@@ -55,3 +55,10 @@ def test_stored_bits_reads_the_exl3_config_and_refuses_others(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
     with pytest.raises(LessonError, match="not an EXL3"):
         exl3.stored_bits(tmp_path)
+
+
+def test_twin_row_names_the_twin_and_rounds_the_measured_figures():
+    twin = {"size_bytes": 1_234_567_890, "decode_tok_s": 512.345, "quant_seconds": 98.76, "gpu_bytes": 1.0, "bound_tok_s": 2.0}
+    row = exl3.twin_row("Llama-3.2-1B", twin, bits=3.0)
+    assert row["model"] == "Llama-3.2-1B (shape twin)" and row["method"].startswith("EXL3 3.0 bpw")
+    assert (row["bits"], row["size_mb"], row["decode_tok_s"], row["quant_seconds"]) == (3, 1234.6, 512.3, 98.8)

@@ -18,6 +18,4 @@ if __name__ == "__main__":
     _, tokenizer = models.load(device="cpu")  # any tokenizer: the twin's text is noise
     twin = exl3.twin_speed("Llama-3.2-1B", tokenizer, models.work_folder("07c-exl3-twin"), bits=4.0)
     print({key: round(value, 3) for key, value in twin.items()}, flush=True)
-    report.record(sys.argv[1], episode="07c-exl3", model="Llama-3.2-1B (shape twin)", bits=4, bits_per_weight=4.0,
-                  method="EXL3 4.0 bpw, ExLlamaV3 generator, batch 1", size_mb=round(twin["size_bytes"] / 1e6, 1),
-                  decode_tok_s=round(twin["decode_tok_s"], 1), quant_seconds=round(twin["quant_seconds"], 1))
+    report.record(sys.argv[1], **exl3.twin_row("Llama-3.2-1B", twin))

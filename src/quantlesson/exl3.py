@@ -84,6 +84,7 @@ def convert(model_folder: str | Path, work: str | Path, bits: float, calibration
                "-w", str(work / f"job-{bits:.2f}"), "-b", str(bits), "-hb", str(head_bits), "-cr", str(rows),
                "-cc", str(columns), "-cpi", "100000", *extra]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
+    # the converter prints " !! Error: ..." and still exits 0 when its arguments are refused
     if result.returncode != 0 or not (out / "config.json").exists() or "!! Error" in result.stdout:
         raise LessonError(f"convert_model failed (exit {result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
     return out
@@ -160,3 +161,10 @@ def twin_speed(name: str, tokenizer, work: str | Path, bits: float = 4.0) -> dic
     bound = measure.copy_bandwidth("cuda") / gpu_bytes
     del runner
     return {"size_bytes": size, "quant_seconds": seconds, "decode_tok_s": tokens_per_s, "gpu_bytes": gpu_bytes, "bound_tok_s": bound}
+
+
+def twin_row(name: str, twin: dict, bits: float = 4.0) -> dict:
+    """The GPU table's row for a :func:`twin_speed` result: ``report.record(path, **twin_row(name, twin))``."""
+    return {"episode": "07c-exl3", "model": f"{name} (shape twin)", "bits": round(bits), "bits_per_weight": bits,
+            "method": f"EXL3 {bits:.1f} bpw, ExLlamaV3 generator, batch 1", "size_mb": round(twin["size_bytes"] / 1e6, 1),
+            "decode_tok_s": round(twin["decode_tok_s"], 1), "quant_seconds": round(twin["quant_seconds"], 1)}  # fmt: skip
