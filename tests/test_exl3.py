@@ -62,3 +62,82 @@ def test_twin_row_names_the_twin_and_rounds_the_measured_figures():
     row = exl3.twin_row("Llama-3.2-1B", twin, bits=3.0)
     assert row["model"] == "Llama-3.2-1B (shape twin)" and row["method"].startswith("EXL3 3.0 bpw")
     assert (row["bits"], row["size_mb"], row["decode_tok_s"], row["quant_seconds"]) == (3, 1234.6, 512.3, 98.8)
+
+
+def smollm2_shaped(layers: int = 2):
+    """A random model with SmolLM2-135M's widths (hidden 576, not a multiple of 128), ``layers`` deep, float32."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlesson import models
+
+    config = models.twin_config("SmolLM2-135M")
+    config.num_hidden_layers, config.vocab_size = layers, 512
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def test_save_widens_a_576_wide_model_and_leaves_the_original_alone(tmp_path, embedded, capsys):
+    import copy
+
+    from safetensors.torch import load_file
+
+    from quantlesson import compat
+
+    model = smollm2_shaped()
+    tokens = torch.randint(0, 512, (1, 48))
+    with torch.no_grad():
+        before = model(tokens).logits
+    folder = exl3.save(model, embedded[1], tmp_path / "hf")
+    assert "576" in capsys.readouterr().out and model.config.hidden_size == 576  # the caller's model is untouched
+    saved = json.loads((folder / "config.json").read_text())
+    assert (saved["hidden_size"], saved["head_dim"]) == (640, 64)
+    assert saved["rms_norm_eps"] == pytest.approx(model.config.rms_norm_eps * 576 / 640)
+    exl3.check_folder(folder)  # accepted now
+    # transformers will not load a hidden size that is no multiple of the 9 heads: read the saved tensors into a widened copy
+    widened = copy.deepcopy(model)
+    compat.exllamav3_pad_hidden_size(widened)
+    widened.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    with torch.no_grad():
+        after = widened(tokens).logits
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-4)  # the same function, read back from disk
+
+
+def test_convert_refuses_a_hidden_size_exllamav3_cannot_run_and_says_how_to_save_it(tmp_path):
+    model = smollm2_shaped(layers=1)
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(LessonError, match=r"576.*exl3\.save"):
+        exl3.convert(tmp_path / "hf", tmp_path / "work", 4.0)
+    assert not (tmp_path / "work").exists()  # refused before anything was written
+
+
+def test_repeat_layers_lengthens_a_converted_model_layer_by_layer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"model.embed_tokens.weight": torch.zeros(4, 2), "lm_head.trellis": torch.ones(3)}
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.mlp.down_proj.trellis"] = torch.full((2, 2), float(layer))
+        tensors[f"model.layers.{layer}.input_layernorm.weight"] = torch.full((2,), 10.0 + layer)
+    save_file({k: v for k, v in tensors.items() if "layers.1" not in k}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "layers.1" in k}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 128}))
+    exl3.repeat_layers(tmp_path, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert [stored[f"model.layers.{i}.mlp.down_proj.trellis"][0, 0].item() for i in range(5)] == [0, 1, 0, 1, 0]
+    assert [stored[f"model.layers.{i}.input_layernorm.weight"][0].item() for i in range(5)] == [10, 11, 10, 11, 10]
+    assert torch.equal(stored["lm_head.trellis"], torch.ones(3)) and len(stored) == 2 + 2 * 5
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 5
+    with pytest.raises(LessonError, match="5 layers"):
+        exl3.repeat_layers(tmp_path, 3)
+
+
+def test_twin_row_of_a_repeated_twin_says_so_and_gives_no_conversion_time():
+    twin = {"size_bytes": 5e9, "decode_tok_s": 300.0, "quant_seconds": 40.0, "converted_layers": 2, "layers": 32}
+    row = exl3.twin_row("Llama-3.1-8B", twin)
+    assert "2 converted layers repeated to 32" in row["method"] and row["quant_seconds"] is None
+
+
+def test_twin_speed_refuses_more_layers_than_the_twin_has(tmp_path):
+    with pytest.raises(LessonError, match="between 1 and 16"):
+        exl3.twin_speed("Llama-3.2-1B", None, tmp_path, layers=17)

@@ -10,7 +10,8 @@
 #                                                 # in $OUT as each ends, so a call that runs out of time keeps them
 #   here:   python tools/gpu_notebooks.py merge <each record.json>
 #
-# Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another).
+# Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another),
+# 'tool SCRIPT ARGS...' (one maintainer script, e.g. tools/gpu_exl3_twin.py, once the builds under way have ended).
 # NO_BUILDS=1 skips building llama.cpp and ExLlamaV2 (for notebooks that need neither, when device time is short).
 # EXL3=1 builds ExLlamaV3's kernels in the background (07c's GPU cells): EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh rest $OUT 07c-exl3
 #
@@ -143,6 +144,13 @@ rest)
   done
   wait || true
   collect "$out" "${names[@]}"
+  ;;
+tool)
+  # tool SCRIPT ARGS...: install (once per machine), wait for the kernel builds under way, then run one maintainer
+  # script under this environment, e.g. EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh tool tools/gpu_exl3_probe.py $OUT/probe.json
+  shift; install_all
+  for log in /tmp/exl3-build.log /tmp/exl2-build.log; do [ -f "$log" ] && after "$log"; done
+  python3 "$@"
   ;;
 run)
   shift

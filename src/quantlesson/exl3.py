@@ -10,6 +10,7 @@ message that says what to do when not. The trellis idea under EXL3 is taught fro
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from quantlesson import compat
 from quantlesson.errors import LessonError
 from quantlesson.exl2 import decode_rate
 from quantlesson.models import no_gpu_message
@@ -62,6 +64,43 @@ def write_calibration(calibration: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
+def save(model, tokenizer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Save a transformers model (and its tokenizer) where ExLlamaV3 can convert or run it; returns ``folder``.
+
+    A copy is saved, in ``dtype`` if given: the model passed in is left as it was. When its hidden size is not a
+    multiple of 128 (SmolLM2-135M: 576) the copy is first widened, computing the same function, by
+    :func:`quantlesson.compat.exllamav3_pad_hidden_size`: ExLlamaV3 1.6.5 fails on such a model otherwise.
+    """
+    import copy
+
+    folder = Path(folder)
+    saved = copy.deepcopy(model).to("cpu")
+    if dtype is not None:
+        saved = saved.to(dtype)
+    old = saved.config.hidden_size
+    new = compat.exllamav3_pad_hidden_size(saved)
+    if new != old:
+        print(f"hidden size {old} is not a multiple of 128: saved widened to {new}, the same function "
+              "(quantlesson.compat.exllamav3_pad_hidden_size)")  # fmt: skip
+        saved.config.hidden_size = old  # transformers refuses to save 640 with 9 heads: config.json gets it below
+    saved.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if new != old:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": new}, indent=2) + "\n")
+    return folder
+
+
+def check_folder(model_folder: Path) -> None:
+    """A folder ExLlamaV3 can take: saved by save_pretrained, with a hidden size that is a multiple of 128."""
+    if not (model_folder / "config.json").exists():
+        raise LessonError(f"{model_folder} holds no config.json: pass a folder written by exl3.save (or save_pretrained).")
+    hidden = json.loads((model_folder / "config.json").read_text()).get("hidden_size", 0)
+    if hidden % 128:
+        raise LessonError(f"{model_folder} has hidden size {hidden}, not a multiple of 128, which ExLlamaV3 {VERSION} "
+                          "cannot run: save the model with exl3.save(model, tokenizer, folder), which widens it.")  # fmt: skip
+
+
 def convert(model_folder: str | Path, work: str | Path, bits: float, calibration: torch.Tensor | None = None,
             head_bits: int = 6, rows: int = 16, columns: int = 512) -> Path:  # fmt: skip
     """Quantize a transformers model folder to EXL3 at ``bits`` per weight; returns the EXL3 folder.
@@ -72,8 +111,7 @@ def convert(model_folder: str | Path, work: str | Path, bits: float, calibration
     """
     check_bits(bits, head_bits)
     model_folder, work = Path(model_folder), Path(work)
-    if not (model_folder / "config.json").exists():
-        raise LessonError(f"{model_folder} holds no config.json: pass a folder written by save_pretrained.")
+    check_folder(model_folder)
     out = work / f"exl3-{bits:.2f}bpw"
     extra = []
     if calibration is not None:
@@ -105,6 +143,7 @@ class ExLlamaV3Model(torch.nn.Module):
         super().__init__()
         from exllamav3 import Cache, Config, Model, Tokenizer
 
+        check_folder(Path(folder))
         self.config = Config.from_directory(str(folder))
         self.model = Model.from_config(self.config)
         self.cache = Cache(self.model, max_num_tokens=-(-max_tokens // 256) * 256)  # pages of 256 tokens, before load
@@ -137,34 +176,82 @@ class ExLlamaV3Model(torch.nn.Module):
         return decode_rate(run, new_tokens)
 
 
-def twin_speed(name: str, tokenizer, work: str | Path, bits: float = 4.0) -> dict:
+def repeat_layers(folder: str | Path, num_layers: int) -> None:
+    """Lengthen an EXL3 model, converted with fewer layers, to ``num_layers`` by repeating its layers' tensors in order.
+
+    Only for speed on a shape twin, whose weights are random anyway: decoding then reads the same bytes through
+    the same kernels as a model converted whole, while the conversion covers only the layers converted.
+    """
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    converted = config["num_hidden_layers"]
+    if not 0 < converted <= num_layers:
+        raise LessonError(f"{folder} has {converted} layers: it can be repeated to {converted} or more, not {num_layers}.")
+    files = sorted(folder.glob("*.safetensors"))
+    tensors = {key: value for file in files for key, value in load_file(file).items()}
+    repeated = {}
+    for key, tensor in tensors.items():
+        layer = re.match(r"model\.layers\.(\d+)\.(.+)", key)
+        if layer is None:
+            repeated[key] = tensor
+            continue
+        for index in range(int(layer[1]), num_layers, converted):  # layer i becomes i, i + converted, ...
+            repeated[f"model.layers.{index}.{layer[2]}"] = tensor.clone()  # safetensors stores no shared tensors
+    for file in files:
+        file.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(repeated, str(folder / "model.safetensors"))
+    config["num_hidden_layers"] = num_layers
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def twin_speed(name: str, tokenizer, work: str | Path, bits: float = 4.0, layers: int | None = None) -> dict:
     """Convert a shape twin (random weights, a real model's shapes) to EXL3 and time its decode at batch 1.
 
     ``tokenizer`` is any tokenizer the converter can read (the twin's text is noise: only the speed counts).
+    ``layers`` converts only that many layers and repeats them to the real depth (:func:`repeat_layers`): the
+    Llama-3.1-8B twin then converts in a fraction of the time, and its ``quant_seconds`` cover those layers.
     Returns the folder's size, the conversion's seconds and the decode tokens/s, with the bandwidth bound
     for the bytes the GPU reads per token (ExLlamaV3, like ExLlamaV2, looks embeddings up in CPU memory).
     """
+    from transformers import AutoModelForCausalLM
+
     from quantlesson import exl2, measure, models
 
     work = Path(work)
-    twin = models.twin(name, dtype=torch.bfloat16, device="cpu")
-    twin.save_pretrained(work / "hf")
-    tokenizer.save_pretrained(work / "hf")
+    config = models.twin_config(name)
+    depth = config.num_hidden_layers
+    if layers is not None:
+        if not 0 < layers <= depth:
+            raise LessonError(f"layers={layers}: the {name} twin has {depth}; convert between 1 and {depth} of them.")
+        config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    twin = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()  # random weights, on the CPU
+    save(twin, tokenizer, work / "hf")
     del twin
     start = time.perf_counter()
     folder = convert(work / "hf", work, bits, head_bits=6, rows=8, columns=256)
     seconds = time.perf_counter() - start
+    if layers is not None and layers < depth:
+        repeat_layers(folder, depth)
     size = measure.size_on_disk(folder)
     runner = ExLlamaV3Model(folder)
     tokens_per_s = runner.decode_speed(torch.arange(64), new_tokens=256)
     gpu_bytes = exl2.gpu_bytes_per_token(size, models.twin_config(name))
     bound = measure.copy_bandwidth("cuda") / gpu_bytes
     del runner
-    return {"size_bytes": size, "quant_seconds": seconds, "decode_tok_s": tokens_per_s, "gpu_bytes": gpu_bytes, "bound_tok_s": bound}
+    return {"size_bytes": size, "quant_seconds": seconds, "decode_tok_s": tokens_per_s, "gpu_bytes": gpu_bytes,
+            "bound_tok_s": bound, "converted_layers": layers or depth, "layers": depth}  # fmt: skip
 
 
 def twin_row(name: str, twin: dict, bits: float = 4.0) -> dict:
     """The GPU table's row for a :func:`twin_speed` result: ``report.record(path, **twin_row(name, twin))``."""
+    repeated = twin.get("converted_layers", twin.get("layers")) != twin.get("layers")
+    method = f"EXL3 {bits:.1f} bpw, ExLlamaV3 generator, batch 1"
+    if repeated:
+        method += f" ({twin['converted_layers']} converted layers repeated to {twin['layers']})"
     return {"episode": "07c-exl3", "model": f"{name} (shape twin)", "bits": round(bits), "bits_per_weight": bits,
-            "method": f"EXL3 {bits:.1f} bpw, ExLlamaV3 generator, batch 1", "size_mb": round(twin["size_bytes"] / 1e6, 1),
-            "decode_tok_s": round(twin["decode_tok_s"], 1), "quant_seconds": round(twin["quant_seconds"], 1)}  # fmt: skip
+            "method": method, "size_mb": round(twin["size_bytes"] / 1e6, 1), "decode_tok_s": round(twin["decode_tok_s"], 1),
+            "quant_seconds": None if repeated else round(twin["quant_seconds"], 1)}  # fmt: skip
