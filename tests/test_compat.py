@@ -252,15 +252,21 @@ def test_exllamav3_pad_hidden_size_handles_llama_only():
 
 
 def test_exllamav3_still_fails_on_a_576_wide_model_and_runs_it_widened():
-    """The H200 probe (tools/gpu_exl3_probe.py), committed: re-run it when the pinned ExLlamaV3 changes."""
+    """The H200 probe (tools/gpu_exl3_probe.py) and 07c's SmolLM2 rows, committed: re-run both when the ExLlamaV3 pin moves."""
     import json
     from pathlib import Path
 
-    from quantlesson import exl3
+    from quantlesson import exl3, report
 
-    probe = json.loads((Path(__file__).resolve().parent.parent / "results" / "gpu-exl3-probe.json").read_text())
+    results = Path(__file__).resolve().parent.parent / "results"
+    probe = json.loads((results / "gpu-exl3-probe.json").read_text())
     assert probe["exllamav3"] == exl3.VERSION, "ExLlamaV3's pin moved: run tools/gpu_exl3_probe.py on a GPU again"
     plain, widened = probe["save_pretrained"], probe["exl3.save"]
     assert plain["hidden_size"] == 576 and widened["hidden_size"] == 640
-    assert "error" in plain["unconverted"] or not plain["convert_4.0"]["converted"]  # fails as saved
-    assert widened["unconverted"]["relative_error_vs_transformers"] < 0.01 and widened["convert_4.0"]["converted"]
+    assert "incompatible shapes" in plain["unconverted"]["error"]  # ExLlamaV3 cannot run it as saved...
+    assert not plain["convert_4.0"]["converted"] and "(576) must match the size of tensor b (640)" in plain["convert_4.0"]["tail"]
+    assert widened["unconverted"]["forward"] == "ran" and widened["convert_4.0"]["converted"]  # ...and runs it widened
+    # the widened real model computes what the original does: ExLlamaV3's float16 against transformers' float32
+    rows = report.read(results / "gpu-exl3.csv")
+    unquantized = rows[(rows["model"] == "smollm2-offline") & rows["method"].str.startswith("float16")]
+    assert len(unquantized) == 1 and unquantized["kld"].iloc[0] < 1e-4 and unquantized["top1"].iloc[0] > 0.99

@@ -141,3 +141,44 @@ def test_twin_row_of_a_repeated_twin_says_so_and_gives_no_conversion_time():
 def test_twin_speed_refuses_more_layers_than_the_twin_has(tmp_path):
     with pytest.raises(LessonError, match="between 1 and 16"):
         exl3.twin_speed("Llama-3.2-1B", None, tmp_path, layers=17)
+
+
+class _Generator:  # stands in for exllamav3.Generator: enqueue a job, then iterate until done
+    error = None
+
+    def __init__(self, **_):
+        self.jobs = 0
+
+    def enqueue(self, job):
+        self.jobs += 1
+
+    def num_remaining_jobs(self):
+        return self.jobs
+
+    def iterate(self):
+        if self.error:
+            raise RuntimeError(self.error)
+        self.jobs -= 1
+
+
+def _runner_with(monkeypatch, error):
+    import sys
+    import types
+
+    fake = types.SimpleNamespace(Generator=type("G", (_Generator,), {"error": error}), Job=lambda **_: None, ArgmaxSampler=lambda: None)
+    monkeypatch.setitem(sys.modules, "exllamav3", fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    runner = exl3.ExLlamaV3Model.__new__(exl3.ExLlamaV3Model)
+    runner.model = runner.cache = runner.tokenizer = None
+    return runner
+
+
+def test_decode_speed_is_none_with_exllamav3_s_reason_where_it_has_no_kernel_for_the_shapes(monkeypatch, capsys):
+    runner = _runner_with(monkeypatch, "exl3_mgemm autotune: no compatible kernel shapes")
+    assert runner.decode_speed(torch.arange(8), new_tokens=4) is None
+    assert "no compatible kernel shapes" in capsys.readouterr().out
+
+
+def test_decode_speed_lets_other_errors_through(monkeypatch):
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _runner_with(monkeypatch, "CUDA out of memory").decode_speed(torch.arange(8), new_tokens=4)
