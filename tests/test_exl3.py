@@ -81,8 +81,6 @@ def test_save_widens_a_576_wide_model_and_leaves_the_original_alone(tmp_path, em
 
     from safetensors.torch import load_file
 
-    from quantlesson import compat
-
     model = smollm2_shaped()
     tokens = torch.randint(0, 512, (1, 48))
     with torch.no_grad():
@@ -95,7 +93,7 @@ def test_save_widens_a_576_wide_model_and_leaves_the_original_alone(tmp_path, em
     exl3.check_folder(folder)  # accepted now
     # transformers will not load a hidden size that is no multiple of the 9 heads: read the saved tensors into a widened copy
     widened = copy.deepcopy(model)
-    compat.exllamav3_pad_hidden_size(widened)
+    exl3.pad_hidden_size(widened)
     widened.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     with torch.no_grad():
         after = widened(tokens).logits
@@ -182,3 +180,53 @@ def test_decode_speed_is_none_with_exllamav3_s_reason_where_it_has_no_kernel_for
 def test_decode_speed_lets_other_errors_through(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         _runner_with(monkeypatch, "CUDA out of memory").decode_speed(torch.arange(8), new_tokens=4)
+
+
+def test_pad_hidden_size_keeps_the_model_s_function():
+    from transformers import AutoModelForCausalLM
+
+    from quantlesson import models
+
+    config = models.twin_config("SmolLM2-135M")  # hidden 576: ExLlamaV3 1.6.5 cannot run it as it is
+    config.num_hidden_layers, config.vocab_size = 3, 256
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        before = model(tokens).logits
+        assert exl3.pad_hidden_size(model) == 640
+        after = model(tokens).logits
+        hidden = model(tokens, output_hidden_states=True).hidden_states[-2]
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5)  # RMSNorm computes in float32 inside transformers
+    assert hidden.shape[-1] == 640 and hidden[..., 576:].abs().max() == 0  # the new dimensions stay zero
+    assert exl3.pad_hidden_size(model) == 640  # a multiple already: nothing changes
+
+
+def test_pad_hidden_size_handles_llama_only():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=72, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+                                     word_embed_proj_dim=72))  # fmt: skip
+    with pytest.raises(LessonError, match="Llama"):
+        exl3.pad_hidden_size(model)
+
+
+def test_exllamav3_still_fails_on_a_576_wide_model_and_runs_it_widened():
+    """The H200 probe (tools/gpu_exl3_probe.py) and 07c's SmolLM2 rows, committed: re-run both when the ExLlamaV3 pin moves."""
+    import json
+    from pathlib import Path
+
+    from quantlesson import report
+
+    results = Path(__file__).resolve().parent.parent / "results"
+    probe = json.loads((results / "gpu-exl3-probe.json").read_text())
+    assert probe["exllamav3"] == exl3.VERSION, "ExLlamaV3's pin moved: run tools/gpu_exl3_probe.py on a GPU again"
+    plain, widened = probe["save_pretrained"], probe["exl3.save"]
+    assert plain["hidden_size"] == 576 and widened["hidden_size"] == 640
+    assert "incompatible shapes" in plain["unconverted"]["error"]  # ExLlamaV3 cannot run it as saved...
+    assert not plain["convert_4.0"]["converted"] and "(576) must match the size of tensor b (640)" in plain["convert_4.0"]["tail"]
+    assert widened["unconverted"]["forward"] == "ran" and widened["convert_4.0"]["converted"]  # ...and runs it widened
+    # the widened real model computes what the original does: ExLlamaV3's float16 against transformers' float32
+    rows = report.read(results / "gpu-exl3.csv")
+    unquantized = rows[(rows["model"] == "smollm2-offline") & rows["method"].str.startswith("float16")]
+    assert len(unquantized) == 1 and unquantized["kld"].iloc[0] < 1e-4 and unquantized["top1"].iloc[0] > 0.99

@@ -2,7 +2,7 @@
 
     python tools/gpu_exl3_probe.py OUT.json
 
-The evidence for ``quantlesson.compat.exllamav3_pad_hidden_size``. On the SmolLM2-135M shape twin (hidden
+The evidence for ``quantlesson.exl3.pad_hidden_size``. On the SmolLM2-135M shape twin (hidden
 size 576, random weights, float16), each of two folders is loaded by ExLlamaV3 unconverted and run (a 512-token
 forward pass compared with transformers on the same GPU and tokens), and converted at
 4.0 bpw: first the folder as ``save_pretrained`` writes it, then as ``exl3.save`` writes it (widened to 640).

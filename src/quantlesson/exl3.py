@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from quantlesson import compat
 from quantlesson.errors import LessonError
 from quantlesson.exl2 import decode_rate
 from quantlesson.models import no_gpu_message
@@ -64,12 +63,73 @@ def write_calibration(calibration: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
+def pad_hidden_size(model, multiple: int = 128) -> int:
+    """Widen a Llama model's hidden size to a multiple of ``multiple`` without changing what it computes.
+
+    ExLlamaV3 1.6.5 pads every linear layer's dimensions to multiples of 128, but its ``GatedMLP`` (the Llama
+    MLP) does not trim the padded output of the down projection, unlike its ``Attention`` (``trim_padded_out``
+    on ``o_proj``) and its plain ``MLP`` (``exllamav3/modules/mlp.py``), and its fused one-token path sizes
+    its buffers by the unpadded width. A model whose hidden size is not a multiple of 128 (SmolLM2-135M: 576)
+    then fails in ExLlamaV3 (what fails, seen on the H200: ``tools/gpu_exl3_probe.py``, its result in
+    ``results/gpu-exl3-probe.json``; ``tests/test_exl3.py`` checks that result against the pinned version). No
+    upstream issue was found. The lesson's one workaround for ExLlamaV3, kept here beside the code it serves. Padding the model first avoids the path: the new residual dimensions are zero in the embedding
+    and in every weight that writes to them, so they stay zero; each RMSNorm weight is scaled by
+    ``sqrt(old / new)`` and ``rms_norm_eps`` by ``old / new``, so each norm's mean square over the wider
+    vector (``old / new`` times the original) gives the same output. ``head_dim`` is written explicitly, since
+    transformers would otherwise derive it from the new hidden size. The widened model is for ExLlamaV3 only:
+    transformers refuses to load a saved one whose hidden size is no multiple of its head count (640 and 9 heads).
+    Returns the new hidden size (the same size, with nothing changed, when it is already a multiple).
+    """
+    config = model.config
+    if config.model_type != "llama":
+        raise LessonError(f"pad_hidden_size handles Llama models; this one is {config.model_type!r}.")
+    old = config.hidden_size
+    new = -(-old // multiple) * multiple
+    if new == old:
+        return old
+    extra = new - old
+
+    def columns(weight: torch.nn.Parameter) -> torch.nn.Parameter:  # [out, old] -> [out, new]: reads zeros
+        return torch.nn.Parameter(torch.nn.functional.pad(weight.data, (0, extra)), requires_grad=False)
+
+    def rows(weight: torch.nn.Parameter) -> torch.nn.Parameter:  # [old, in] -> [new, in]: writes zeros
+        return torch.nn.Parameter(torch.nn.functional.pad(weight.data, (0, 0, 0, extra)), requires_grad=False)
+
+    def norm(module) -> None:  # [old] -> [new], scaled so that the mean square over new dims gives the same output
+        scaled = module.weight.data * (old / new) ** 0.5
+        module.weight = torch.nn.Parameter(torch.nn.functional.pad(scaled, (0, extra)), requires_grad=False)
+        module.variance_epsilon = config.rms_norm_eps * old / new
+
+    body = model.model
+    body.embed_tokens.weight = columns(body.embed_tokens.weight)  # [vocab, new]
+    for layer in body.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj):
+            linear.weight, linear.in_features = columns(linear.weight), new
+        for linear in (attention.o_proj, mlp.down_proj):
+            linear.weight, linear.out_features = rows(linear.weight), new
+            if linear.bias is not None:
+                linear.bias = torch.nn.Parameter(torch.nn.functional.pad(linear.bias.data, (0, extra)), requires_grad=False)
+        norm(layer.input_layernorm)
+        norm(layer.post_attention_layernorm)
+    norm(body.norm)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = body.embed_tokens.weight
+    else:
+        model.lm_head.weight = columns(model.lm_head.weight)
+    model.lm_head.in_features = new
+    config.head_dim = getattr(config, "head_dim", None) or old // config.num_attention_heads
+    config.hidden_size = new
+    config.rms_norm_eps = config.rms_norm_eps * old / new
+    return new
+
+
 def save(model, tokenizer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Save a transformers model (and its tokenizer) where ExLlamaV3 can convert or run it; returns ``folder``.
 
     A copy is saved, in ``dtype`` if given: the model passed in is left as it was. When its hidden size is not a
     multiple of 128 (SmolLM2-135M: 576) the copy is first widened, computing the same function, by
-    :func:`quantlesson.compat.exllamav3_pad_hidden_size`: ExLlamaV3 1.6.5 fails on such a model otherwise.
+    :func:`pad_hidden_size`: ExLlamaV3 1.6.5 fails on such a model otherwise.
     """
     import copy
 
@@ -78,10 +138,10 @@ def save(model, tokenizer, folder: str | Path, dtype: torch.dtype | None = None)
     if dtype is not None:
         saved = saved.to(dtype)
     old = saved.config.hidden_size
-    new = compat.exllamav3_pad_hidden_size(saved)
+    new = pad_hidden_size(saved)
     if new != old:
         print(f"hidden size {old} is not a multiple of 128: saved widened to {new}, the same function "
-              "(quantlesson.compat.exllamav3_pad_hidden_size)")  # fmt: skip
+              "(quantlesson.exl3.pad_hidden_size)")  # fmt: skip
         saved.config.hidden_size = old  # transformers refuses to save 640 with 9 heads: config.json gets it below
     saved.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
