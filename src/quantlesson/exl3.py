@@ -66,18 +66,21 @@ def write_calibration(calibration: torch.Tensor, path: str | Path) -> Path:
 def pad_hidden_size(model, multiple: int = 128) -> int:
     """Widen a Llama model's hidden size to a multiple of ``multiple`` without changing what it computes.
 
-    ExLlamaV3 1.6.5 pads every linear layer's dimensions to multiples of 128, but its ``GatedMLP`` (the Llama
-    MLP) does not trim the padded output of the down projection, unlike its ``Attention`` (``trim_padded_out``
-    on ``o_proj``) and its plain ``MLP`` (``exllamav3/modules/mlp.py``), and its fused one-token path sizes
-    its buffers by the unpadded width. A model whose hidden size is not a multiple of 128 (SmolLM2-135M: 576)
-    then fails in ExLlamaV3 (what fails, seen on the H200: ``tools/gpu_exl3_probe.py``, its result in
-    ``results/gpu-exl3-probe.json``; ``tests/test_exl3.py`` checks that result against the pinned version). No
-    upstream issue was found. The lesson's one workaround for ExLlamaV3, kept here beside the code it serves. Padding the model first avoids the path: the new residual dimensions are zero in the embedding
-    and in every weight that writes to them, so they stay zero; each RMSNorm weight is scaled by
-    ``sqrt(old / new)`` and ``rms_norm_eps`` by ``old / new``, so each norm's mean square over the wider
-    vector (``old / new`` times the original) gives the same output. ``head_dim`` is written explicitly, since
-    transformers would otherwise derive it from the new hidden size. The widened model is for ExLlamaV3 only:
-    transformers refuses to load a saved one whose hidden size is no multiple of its head count (640 and 9 heads).
+    The lesson's one workaround for ExLlamaV3, kept beside the code it serves. ExLlamaV3 1.6.5 pads every
+    linear layer to multiples of 128, but its ``GatedMLP`` (the Llama MLP) does not trim the down projection's
+    padded output, unlike its ``Attention`` (``trim_padded_out`` on ``o_proj``) and its plain ``MLP``
+    (``exllamav3/modules/mlp.py``). A model whose hidden size is not a multiple of 128 (SmolLM2-135M: 576)
+    then fails in ExLlamaV3: seen on the H200 by ``tools/gpu_exl3_probe.py``, its result committed in
+    ``results/gpu-exl3-probe.json`` and checked against the pinned version by ``tests/test_exl3.py``. No
+    upstream issue was found.
+
+    Widening first avoids that path. The new residual dimensions are zero in the embedding and in every weight
+    that writes to them, so they stay zero. Each RMSNorm weight is scaled by ``sqrt(old / new)`` and
+    ``rms_norm_eps`` by ``old / new``: the mean square over the wider vector is ``old / new`` times the
+    original, so each norm gives the same output. ``head_dim`` is written explicitly, since transformers would
+    otherwise derive it from the new hidden size. The widened model is for ExLlamaV3 only: transformers refuses
+    to load a saved one whose hidden size is no multiple of its head count (640 and 9 heads).
+
     Returns the new hidden size (the same size, with nothing changed, when it is already a multiple).
     """
     config = model.config
