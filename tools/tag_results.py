@@ -29,6 +29,7 @@ TAGS = {
                  "result-trellis-plot": "fig, ax = plt.subplots(figsize=(6, 3.5))", "result-states": "import time",
                  "result-exl3-table": "from pathlib import Path\n\nfrom quantlesson import exl3, report",
                  "result-exl3-smollm2": "smol = Path(\"../results/models/smollm2-offline\")",
+                 "result-exl3-smollm2-plot": "gguf_all = report.read(smol / \"06-gguf.csv\")",
                  "result-exl3-twins": "from quantlesson import exl2\n\nspeeds = []"},
     "08-which-method": {"result-families": "def family(", "result-best": "four_bit = quantized["},
     "08b-kernels": {"result-classes": "from transformers import BitsAndBytesConfig", "result-decompressed": "import copy",
