@@ -230,3 +230,39 @@ def test_exllamav3_still_fails_on_a_576_wide_model_and_runs_it_widened():
     rows = report.read(results / "gpu-exl3.csv")
     unquantized = rows[(rows["model"] == "smollm2-offline") & rows["method"].str.startswith("float16")]
     assert len(unquantized) == 1 and unquantized["kld"].iloc[0] < 1e-4 and unquantized["top1"].iloc[0] > 0.99
+
+
+def test_unfuse_narrow_kv_unfuses_only_pairs_whose_width_is_no_multiple_of_128():
+    import types
+
+    class Fused:
+        unloaded = False
+
+        def unload(self):
+            self.unloaded = True
+
+    def attention(kv_heads: int, fused: bool):
+        return types.SimpleNamespace(num_kv_heads=kv_heads, head_dim=64, multi_kv=Fused() if fused else None, modules=[])
+
+    narrow, wide, plain = attention(3, True), attention(8, True), attention(3, False)  # 192, 512 and 192 unfused already
+    model = types.SimpleNamespace(modules=[types.SimpleNamespace(modules=[narrow, plain]), types.SimpleNamespace(modules=[wide])])
+    pair = narrow.multi_kv
+    assert exl3.unfuse_narrow_kv(model) == 1
+    assert narrow.multi_kv is None and pair.unloaded  # its buffers freed, the projections then run one by one
+    assert wide.multi_kv is not None and not wide.multi_kv.unloaded
+    assert exl3.unfuse_narrow_kv(model) == 0  # nothing left to do the second time
+
+
+def test_exllamav3_cannot_decode_a_fused_192_wide_key_value_pair_and_decodes_it_unfused():
+    """The evidence for exl3.unfuse_narrow_kv: the H200 probe decodes its widened SmolLM2 twin both ways."""
+    from pathlib import Path
+
+    probe = json.loads((Path(__file__).resolve().parent.parent / "results" / "gpu-exl3-probe.json").read_text())
+    assert probe["exllamav3"] == exl3.VERSION, "ExLlamaV3's pin moved: run tools/gpu_exl3_probe.py on a GPU again"
+    widened = probe["exl3.save"]
+    if "decode_4.0_fused_kv" not in widened:
+        pytest.skip("the committed probe predates exl3.unfuse_narrow_kv: run tools/gpu_exl3_probe.py on a GPU "
+                    "(tools/gpu_run.sh, stage 'tool') and commit its JSON")
+    fused, unfused = widened["decode_4.0_fused_kv"], widened["decode_4.0_unfused_kv"]
+    assert fused["tokens_per_s"] is None and "no compatible kernel shapes" in fused["printed"]  # still needed...
+    assert unfused["tokens_per_s"] > 0  # ...and it mends the decode

@@ -6,12 +6,15 @@ The evidence for ``quantlesson.exl3.pad_hidden_size``. On the SmolLM2-135M shape
 size 576, random weights, float16), each of two folders is loaded by ExLlamaV3 unconverted and run (a 512-token
 forward pass compared with transformers on the same GPU and tokens), and converted at
 4.0 bpw: first the folder as ``save_pretrained`` writes it, then as ``exl3.save`` writes it (widened to 640).
-Each step's outcome (or its error, last lines) goes to OUT.json. On the lesson's GPU machine, after
-tools/gpu_run.sh installed exllamav3 (EXL3=1).
+Each step's outcome (or its error, last lines) goes to OUT.json. The widened conversion is then decoded at
+batch 1 twice: as ExLlamaV3 loads it (k_proj and v_proj fused) and after ``exl3.unfuse_narrow_kv``, the evidence
+for that workaround. On the lesson's GPU machine, after tools/gpu_run.sh installed exllamav3 (EXL3=1).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -41,6 +44,19 @@ def run_unconverted(folder: Path, tokens: torch.Tensor, reference: torch.Tensor)
         exl3.check_folder = check
 
 
+def decode(folder: Path, prompt: torch.Tensor, fuse_narrow_kv: bool) -> dict:
+    """Batch-1 decode speed of ``folder`` with ExLlamaV3's fused k/v projection kept or unfused, and what it printed."""
+    try:
+        runner = exl3.ExLlamaV3Model(folder, max_tokens=1024, fuse_narrow_kv=fuse_narrow_kv)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            tokens_per_s = runner.decode_speed(prompt, new_tokens=128)
+        del runner
+        return {"tokens_per_s": tokens_per_s, "printed": printed.getvalue()[-500:]}
+    except Exception as error:  # noqa: BLE001  (the point is to record what fails)
+        return {"error": f"{type(error).__name__}: {error}"[:500], "traceback": traceback.format_exc()[-2500:]}
+
+
 def convert_raw(folder: Path, work: Path) -> dict:
     """ExLlamaV3's converter at 4.0 bpw on ``folder``, called directly (no lesson check in front)."""
     out = work / f"{folder.name}-exl3"
@@ -67,7 +83,10 @@ if __name__ == "__main__":
     from importlib.metadata import version
 
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "exllamav3": version("exllamav3"),
-              "model": "SmolLM2-135M shape twin (random weights), float16"}
+              "model": "SmolLM2-135M shape twin (random weights), float16",
+              "note": "relative_error_vs_transformers: the logits' relative error against transformers in float16 on the "
+                      "same 512 random tokens (random weights: a converted model's figure says little about EXL3's quality, "
+                      "see the SmolLM2 rows in gpu-exl3.csv). decode_*: 128 greedy tokens after a 64-token prompt, batch 1."}
     raw = work / "saved"
     twin.half().save_pretrained(raw)
     tokenizer.save_pretrained(raw)
@@ -78,6 +97,9 @@ if __name__ == "__main__":
         report[name]["unconverted"] = run_unconverted(folder, tokens, reference.cuda())
         report[name]["convert_4.0"] = convert_raw(folder, work)
         if report[name]["convert_4.0"]["converted"]:
-            report[name]["converted_4.0"] = run_unconverted(Path(report[name]["convert_4.0"]["folder"]), tokens, reference.cuda())
+            converted = Path(report[name]["convert_4.0"]["folder"])
+            report[name]["converted_4.0"] = run_unconverted(converted, tokens, reference.cuda())
+            for fused in (True, False):
+                report[name][f"decode_4.0_{'fused' if fused else 'unfused'}_kv"] = decode(converted, tokens[:64], fused)
         print(name, json.dumps({k: v for k, v in report[name].items()}, indent=1)[:3000], flush=True)
         out_path.write_text(json.dumps(report, indent=1))

@@ -127,6 +127,32 @@ def pad_hidden_size(model, multiple: int = 128) -> int:
     return new
 
 
+def unfuse_narrow_kv(model) -> int:
+    """Run k_proj and v_proj one after the other where ExLlamaV3's fused pair has no kernel; return how many were unfused.
+
+    The lesson's second workaround for ExLlamaV3 1.6.5, kept beside the first (:func:`pad_hidden_size`). At
+    batch 1 its ``Attention`` runs k_proj and v_proj as one multi-GEMM (``multi_kv``) into an output buffer of
+    ``num_kv_heads * head_dim`` columns, the unpadded width (``prealloc_kv_1`` in ``exllamav3/modules/attn.py``),
+    and its kernels need a multiple of 128 there (``exl3_gemm_shape_compat``: the output width a multiple of the
+    tile's 128 or more). SmolLM2-135M has 3 key/value heads of 64: 192 columns, and its decode on the H200
+    stopped with "exl3_mgemm autotune: no compatible kernel shapes" (07c's SmolLM2 rows, 2026-12-04). The
+    cause was found by reading ExLlamaV3's source; ``tools/gpu_exl3_probe.py`` decodes its widened twin with and
+    without this function, and ``tests/test_exl3.py`` checks its committed result. Without ``multi_kv`` the
+    module calls the two projections separately, as it does for inputs longer than 32 tokens; nothing else
+    changes. ``model`` is a loaded ``exllamav3.Model``. No upstream issue was found.
+    """
+    unfused, stack = 0, list(model.modules)
+    while stack:
+        module = stack.pop()
+        stack.extend(getattr(module, "modules", []))
+        fused = getattr(module, "multi_kv", None)
+        if fused is not None and (module.num_kv_heads * module.head_dim) % 128:
+            fused.unload()
+            module.multi_kv = None
+            unfused += 1
+    return unfused
+
+
 def save(model, tokenizer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Save a transformers model (and its tokenizer) where ExLlamaV3 can convert or run it; returns ``folder``.
 
@@ -202,7 +228,7 @@ def stored_bits(folder: str | Path) -> float:
 class ExLlamaV3Model(torch.nn.Module):
     """An EXL3 (or unquantized) model run by ExLlamaV3, callable like a transformers model for :mod:`quantlesson.evaluate`."""
 
-    def __init__(self, folder: str | Path, max_tokens: int = 2048):
+    def __init__(self, folder: str | Path, max_tokens: int = 2048, fuse_narrow_kv: bool = False):
         super().__init__()
         from exllamav3 import Cache, Config, Model, Tokenizer
 
@@ -211,6 +237,8 @@ class ExLlamaV3Model(torch.nn.Module):
         self.model = Model.from_config(self.config)
         self.cache = Cache(self.model, max_num_tokens=-(-max_tokens // 256) * 256)  # pages of 256 tokens, before load
         self.model.load(device="cuda:0")
+        if not fuse_narrow_kv:  # True only to see ExLlamaV3's own behaviour (tools/gpu_exl3_probe.py)
+            unfuse_narrow_kv(self.model)
         self.tokenizer = Tokenizer.from_config(self.config)
         self.vocab_size = self.config.vocab_size
         self._device = torch.nn.Parameter(torch.empty(0, device="cuda"), requires_grad=False)
@@ -222,8 +250,8 @@ class ExLlamaV3Model(torch.nn.Module):
     def decode_speed(self, prompt: torch.Tensor, new_tokens: int = 128) -> float | None:
         """Greedy decode tokens per second with ExLlamaV3's generator at batch 1, prefill excluded.
 
-        None, with ExLlamaV3's message printed, where it has no kernel for the model's shapes at batch 1: so it
-        was for SmolLM2-135M (widened to 640) in ExLlamaV3 1.6.5, whose forward pass (the quality figures) ran.
+        None, with ExLlamaV3's message printed, where it has no kernel for the model's shapes at batch 1 (so it
+        was for SmolLM2-135M before :func:`unfuse_narrow_kv`); its forward pass, the quality figures, needs none.
         """
         from exllamav3 import ArgmaxSampler, Generator, Job
 
