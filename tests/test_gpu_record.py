@@ -91,3 +91,43 @@ def test_the_package_hash_follows_the_modules_a_notebook_imports(tmp_path):
     assert gpu_notebooks.package_hash(tmp_path) != gpu_notebooks.package_hash(tmp_path, notebook)
     (package / "errors.py").write_text("class LessonError(ValueError): pass\n")  # reached through gptq
     assert gpu_notebooks.package_hash(tmp_path, notebook) != before
+
+
+def _gpu_run_function(name: str) -> str:
+    """One shell function of tools/gpu_run.sh, as text (the script itself runs a stage when executed)."""
+    import re
+
+    script = (Path(__file__).resolve().parent.parent / "tools" / "gpu_run.sh").read_text()
+    match = re.search(rf"^{name}\(\) {{.*?^}}$", script, flags=re.S | re.M)
+    assert match, f"tools/gpu_run.sh has no function {name}"
+    return match.group(0)
+
+
+@pytest.mark.parametrize("built, locked", [(False, True), (True, True), (False, False)])
+def test_the_exllamav3_build_clears_a_stale_lock_or_skips_a_finished_build(tmp_path, built, locked):
+    """A build killed at a call's time limit left torch's lock behind, and later imports waited on it for ever."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("pgrep") is None:
+        pytest.skip("pgrep (procps) is not installed here; the GPU machine has it")
+    extensions, bin_dir = tmp_path / "ext", tmp_path / "bin"
+    (extensions / "exllamav3_ext").mkdir(parents=True)
+    if locked:
+        (extensions / "exllamav3_ext" / "lock").touch()
+    if built:
+        (extensions / "exllamav3_ext" / "exllamav3_ext.so").touch()
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f"#!/bin/sh\necho stub build >> {tmp_path}/calls\n")  # stands in for the compile
+    (bin_dir / "python3").chmod(0o755)
+    log = tmp_path / "exl3-build.log"
+    script = ("set -euo pipefail\n" + _gpu_run_function("stamp") + "\n" + _gpu_run_function("exl3_build").replace("/tmp/exl3-build.log", str(log))
+              + "\nexl3_build\nwait\n")  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    subprocess.run(["bash", "-c", script], env=env, check=True, capture_output=True, text=True)
+    assert (extensions / "exllamav3_ext" / "lock").exists() == (locked and built)  # a finished build's folder is left alone
+    if built:  # nothing to build: nothing compiles, and the log says it ended
+        assert not (tmp_path / "calls").exists() and "exit 0" in log.read_text()
+    else:  # no compiler runs: a stale lock goes, and the build starts and ends
+        assert (tmp_path / "calls").read_text() == "stub build\n" and "exllamav3 build exit 0" in log.read_text()

@@ -41,7 +41,10 @@ exl3_build() {  # ExLlamaV3's kernels, compiled in the background into $TORCH_EX
   # own call ('EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh setup') before the notebooks that need it.
   local dir="$TORCH_EXTENSIONS_DIR/exllamav3_ext"
   if ls "$dir"/*.so > /dev/null 2>&1; then echo "exllamav3 build exit 0 (built before on this machine)" > /tmp/exl3-build.log; return; fi
-  pgrep -x ninja > /dev/null || pgrep -f nvcc > /dev/null || { [ -f "$dir/lock" ] && rm -f "$dir/lock" && stamp "removed a stale build lock"; }
+  # by process name: a command line that merely mentions a compiler (this script's, quoted) must not count
+  if [ -f "$dir/lock" ] && ! pgrep -x "ninja|nvcc|cicc|ptxas|c\+\+|g\+\+" > /dev/null; then
+    rm -f "$dir/lock"; stamp "removed a stale build lock"
+  fi
   : > /tmp/exl3-build.log
   (python3 -c "import exllamav3, exllamav3.ext; print('exllamav3 kernels ready')" > /tmp/exl3-build.log 2>&1; echo "exllamav3 build exit $?" >> /tmp/exl3-build.log; stamp "exllamav3 kernels built") &
 }
