@@ -30,31 +30,46 @@ def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return ((logits.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
+@contextlib.contextmanager
+def without(name: str):
+    """Switch off one of the lesson's own steps in quantlesson.exl3 (``check_folder``, ``unfuse_narrow_kv``) meanwhile."""
+    step = getattr(exl3, name)
+    setattr(exl3, name, lambda *_: None)
+    try:
+        yield
+    finally:
+        setattr(exl3, name, step)
+
+
+def failure(error: Exception) -> dict:
+    """What a step that failed records: the error and the end of its traceback."""
+    return {"error": f"{type(error).__name__}: {error}"[:500], "traceback": traceback.format_exc()[-2500:]}
+
+
 def run_unconverted(folder: Path, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     """Load ``folder`` in ExLlamaV3 without the lesson's own check and run a forward pass."""
-    check, exl3.check_folder = exl3.check_folder, lambda folder: None  # let a 576-wide folder reach ExLlamaV3
     try:
-        runner = exl3.ExLlamaV3Model(folder, max_tokens=1024)
+        with without("check_folder"):  # let a 576-wide folder reach ExLlamaV3
+            runner = exl3.ExLlamaV3Model(folder, max_tokens=1024)
         logits = runner(tokens[None].cuda()).logits[0]
         del runner
         return {"forward": "ran", "relative_error_vs_transformers": relative_error(logits, reference)}
     except Exception as error:  # noqa: BLE001  (the point is to record what fails)
-        return {"error": f"{type(error).__name__}: {error}"[:500], "traceback": traceback.format_exc()[-2500:]}
-    finally:
-        exl3.check_folder = check
+        return failure(error)
 
 
-def decode(folder: Path, prompt: torch.Tensor, fuse_narrow_kv: bool) -> dict:
+def decode(folder: Path, prompt: torch.Tensor, fused_kv: bool) -> dict:
     """Batch-1 decode speed of ``folder`` with ExLlamaV3's fused k/v projection kept or unfused, and what it printed."""
     try:
-        runner = exl3.ExLlamaV3Model(folder, max_tokens=1024, fuse_narrow_kv=fuse_narrow_kv)
+        with without("unfuse_narrow_kv") if fused_kv else contextlib.nullcontext():
+            runner = exl3.ExLlamaV3Model(folder, max_tokens=1024)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             tokens_per_s = runner.decode_speed(prompt, new_tokens=128)
         del runner
         return {"tokens_per_s": tokens_per_s, "printed": printed.getvalue()[-500:]}
     except Exception as error:  # noqa: BLE001  (the point is to record what fails)
-        return {"error": f"{type(error).__name__}: {error}"[:500], "traceback": traceback.format_exc()[-2500:]}
+        return failure(error)
 
 
 def convert_raw(folder: Path, work: Path) -> dict:

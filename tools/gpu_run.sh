@@ -62,9 +62,12 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
   (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \
      CMAKE_BUILD_PARALLEL_LEVEL=16 pip_install .gpu/llama_cpp_python-*.tar.gz > /tmp/llama-build.log 2>&1; echo "llama.cpp build exit $?" >> /tmp/llama-build.log; stamp "llama.cpp built") &
-  [ -n "${NO_EXL2:-}" ] && echo "NO_EXL2: exllamav2 build exit skipped" > /tmp/exl2-build.log
-  [ -n "${NO_EXL2:-}" ] || { : > /tmp/exl2-build.log
-  (python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__, 'kernels ready')" > /tmp/exl2-build.log 2>&1; echo "exllamav2 build exit $?" >> /tmp/exl2-build.log; stamp "exllamav2 kernels built") & }
+  if [ -n "${NO_EXL2:-}" ]; then
+    echo "NO_EXL2: exllamav2 build exit skipped" > /tmp/exl2-build.log
+  else
+    : > /tmp/exl2-build.log
+    (python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__, 'kernels ready')" > /tmp/exl2-build.log 2>&1; echo "exllamav2 build exit $?" >> /tmp/exl2-build.log; stamp "exllamav2 kernels built") &
+  fi
   python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets, bitsandbytes; print('imports ok: transformers', transformers.__version__)" || stamp "an import failed (above)"
   touch "$SITE/.installed"
 }

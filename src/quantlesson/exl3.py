@@ -228,7 +228,7 @@ def stored_bits(folder: str | Path) -> float:
 class ExLlamaV3Model(torch.nn.Module):
     """An EXL3 (or unquantized) model run by ExLlamaV3, callable like a transformers model for :mod:`quantlesson.evaluate`."""
 
-    def __init__(self, folder: str | Path, max_tokens: int = 2048, fuse_narrow_kv: bool = False):
+    def __init__(self, folder: str | Path, max_tokens: int = 2048):
         super().__init__()
         from exllamav3 import Cache, Config, Model, Tokenizer
 
@@ -237,8 +237,7 @@ class ExLlamaV3Model(torch.nn.Module):
         self.model = Model.from_config(self.config)
         self.cache = Cache(self.model, max_num_tokens=-(-max_tokens // 256) * 256)  # pages of 256 tokens, before load
         self.model.load(device="cuda:0")
-        if not fuse_narrow_kv:  # True only to see ExLlamaV3's own behaviour (tools/gpu_exl3_probe.py)
-            unfuse_narrow_kv(self.model)
+        unfuse_narrow_kv(self.model)
         self.tokenizer = Tokenizer.from_config(self.config)
         self.vocab_size = self.config.vocab_size
         self._device = torch.nn.Parameter(torch.empty(0, device="cuda"), requires_grad=False)
