@@ -11,7 +11,8 @@
 #   here:   python tools/gpu_notebooks.py merge <each record.json>
 #
 # Other stages: 'setup' (install and build only), 'run RECORD NOTEBOOK...' (notebooks one after another),
-# 'tool SCRIPT ARGS...' (one maintainer script, e.g. tools/gpu_exl3_twin.py, once the builds under way have ended).
+# 'tool SCRIPT ARGS...' (one maintainer script, e.g. tools/gpu_exl3_twin.py or tools/gpu_exl2_twin.py, once the builds
+# under way have ended).
 # NO_BUILDS=1 skips building llama.cpp and ExLlamaV2 (for notebooks that need neither, when device time is short).
 # NO_EXL2=1 skips only ExLlamaV2's (06 with 07c: EXL3=1 NO_EXL2=1 bash tools/gpu_run.sh rest $OUT 07c-exl3 06-gguf).
 # EXL3=1 builds ExLlamaV3's kernels in the background (07c's GPU cells). Build them in a call of their own, then run:

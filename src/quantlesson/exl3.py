@@ -278,7 +278,7 @@ class ExLlamaV3Model(torch.nn.Module):
 
 
 def repeat_layers(folder: str | Path, num_layers: int) -> None:
-    """Lengthen an EXL3 model, converted with fewer layers, to ``num_layers`` by repeating its layers' tensors in order.
+    """Lengthen an EXL3 (or EXL2) model, converted with fewer layers, to ``num_layers`` by repeating its layers' tensors.
 
     Only for speed on a shape twin, whose weights are random anyway: decoding then reads the same bytes through
     the same kernels as a model converted whole, while the conversion covers only the layers converted.
