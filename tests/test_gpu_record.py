@@ -103,8 +103,9 @@ def _gpu_run_function(name: str) -> str:
     return match.group(0)
 
 
+@pytest.mark.parametrize("package", ["exllamav2", "exllamav3"])
 @pytest.mark.parametrize("built, locked", [(False, True), (True, True), (False, False)])
-def test_the_exllamav3_build_clears_a_stale_lock_or_skips_a_finished_build(tmp_path, built, locked):
+def test_a_kernel_build_clears_a_stale_lock_or_skips_a_finished_build(tmp_path, package, built, locked):
     """A build killed at a call's time limit left torch's lock behind, and later imports waited on it for ever."""
     import os
     import shutil
@@ -112,22 +113,23 @@ def test_the_exllamav3_build_clears_a_stale_lock_or_skips_a_finished_build(tmp_p
 
     if shutil.which("pgrep") is None:
         pytest.skip("pgrep (procps) is not installed here; the GPU machine has it")
-    extensions, bin_dir = tmp_path / "ext", tmp_path / "bin"
-    (extensions / "exllamav3_ext").mkdir(parents=True)
+    extensions, bin_dir, folder = tmp_path / "ext", tmp_path / "bin", tmp_path / "ext" / f"{package}_ext"
+    folder.mkdir(parents=True)
     if locked:
-        (extensions / "exllamav3_ext" / "lock").touch()
+        (folder / "lock").touch()
     if built:
-        (extensions / "exllamav3_ext" / "exllamav3_ext.so").touch()
+        (folder / f"{package}_ext.so").touch()
     bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f"#!/bin/sh\necho stub build >> {tmp_path}/calls\n")  # stands in for the compile
+    (bin_dir / "python3").write_text(f"#!/bin/sh\necho stub build \"$2\" >> {tmp_path}/calls\n")  # stands in for the compile
     (bin_dir / "python3").chmod(0o755)
-    log = tmp_path / "exl3-build.log"
-    script = ("set -euo pipefail\n" + _gpu_run_function("stamp") + "\n" + _gpu_run_function("exl3_build").replace("/tmp/exl3-build.log", str(log))
-              + "\nexl3_build\nwait\n")  # fmt: skip
+    log = tmp_path / "build.log"
+    script = ("set -euo pipefail\n" + _gpu_run_function("stamp") + "\n" + _gpu_run_function("ext_build")
+              + f"\next_build {package} {log}\nwait\n")  # fmt: skip
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCH_EXTENSIONS_DIR": str(extensions)}
     subprocess.run(["bash", "-c", script], env=env, check=True, capture_output=True, text=True)
-    assert (extensions / "exllamav3_ext" / "lock").exists() == (locked and built)  # a finished build's folder is left alone
+    assert (folder / "lock").exists() == (locked and built)  # a finished build's folder is left alone
     if built:  # nothing to build: nothing compiles, and the log says it ended
-        assert not (tmp_path / "calls").exists() and "exit 0" in log.read_text()
-    else:  # no compiler runs: a stale lock goes, and the build starts and ends
-        assert (tmp_path / "calls").read_text() == "stub build\n" and "exllamav3 build exit 0" in log.read_text()
+        assert not (tmp_path / "calls").exists() and f"{package} build exit 0" in log.read_text()
+    else:  # no compiler runs: a stale lock goes, and the package's build starts and ends
+        calls = (tmp_path / "calls").read_text()
+        assert calls.startswith(f"stub build import {package}, {package}.ext") and f"{package} build exit 0" in log.read_text()

