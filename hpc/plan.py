@@ -140,10 +140,12 @@ def report(name: str, config: dict, gpu_memory: dict[str, float]) -> list[str]:
     lines = [f"{name}: {amount(counts['total'], '')} parameters, {amount(counts['linear'], '')} of them in linear layers"]
     for scheme in SCHEMES:
         weights = weight_bytes(config, scheme)
+        group = SCHEMES[scheme][1] if scheme != "bf16" else None
+        misfit = tensor_parallel_problems(config, 1, group)  # on one GPU: only the group size can fail
         needed = ", ".join(f"{gpu} {gpus_needed(config, scheme, gb) or 'too large'}" for gpu, gb in gpu_memory.items())
         lines.append(
             f"  {scheme:5s} weights {amount(weights):>8s}, +{OVERHEAD:.0%}: {amount(weights * (1 + OVERHEAD)):>8s}"
-            f" -> GPUs needed: {needed}"
+            + (f" -> does not fit the scheme: {'; '.join(misfit)}" if misfit else f" -> GPUs needed: {needed}")
         )
     return lines
 

@@ -110,6 +110,16 @@ def recipe(method: str, scheme: str, awq_grid: int):
     ]
 
 
+def misfit_layers(model, group_size: int | None) -> list[str]:
+    """Linear layers (but the head) whose inputs are no whole number of groups: llm-compressor refuses them."""
+    import torch
+
+    if not group_size:
+        return []
+    return [f"{name} ({module.in_features} inputs)" for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head") and module.in_features % group_size]  # fmt: skip
+
+
 def rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -225,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     reference = reference_scores(args, dtype) if args.evaluate else None
 
     model, tokenizer = load_for_quantization(args, dtype)
+    misfit = misfit_layers(model, GROUP_SIZE.get(args.scheme))
+    if misfit:  # before calibrating, not after minutes of it
+        group = GROUP_SIZE[args.scheme]
+        sys.exit(f"{args.scheme} quantizes in groups of {group} inputs, and {len(misfit)} linear layers are no whole number "
+                 f"of groups (first: {misfit[0]}): llm-compressor would refuse them. Choose a model whose widths divide "
+                 f"by {group}, such as Qwen/Qwen2.5-0.5B or a Llama (SmolLM2-135M's 576 do not), or quantize it in the "
+                 "lesson's notebooks, which pick a group size that fits.")  # fmt: skip
     rank, world = rank_and_world()
     dataset = calibration(tokenizer, args)
     start = time.perf_counter()

@@ -232,6 +232,17 @@ def test_quantize_py_checks_its_arguments():
     subprocess.run([sys.executable, "-m", "py_compile", *map(str, HPC.glob("*.py"))], check=True)
 
 
+def test_quantize_py_names_the_layers_a_scheme_s_groups_do_not_fit():
+    """SmolLM2's 576-wide layers are no whole number of groups of 128: quantize.py stops before calibrating."""
+    import quantize
+    import torch
+
+    model = torch.nn.ModuleDict({"o_proj": torch.nn.Linear(576, 576), "up_proj": torch.nn.Linear(512, 8),
+                                 "lm_head": torch.nn.Linear(576, 10)})  # fmt: skip
+    assert quantize.misfit_layers(model, 128) == ["o_proj (576 inputs)"]
+    assert quantize.misfit_layers(model, 64) == [] and quantize.misfit_layers(model, None) == []
+
+
 def test_check_env_on_a_cpu(monkeypatch):
     import check_env
 
@@ -257,6 +268,14 @@ def test_plan_tensor_parallel_checks():
     assert any("o_proj" in p for p in plan.tensor_parallel_problems(embedded, 4))
     assert plan.tensor_parallel_problems(embedded, 4, group_size=None) == []
     assert any("attention heads" in p for p in plan.tensor_parallel_problems(plan.load_config("llama-3.3-70b"), 3, None))
+
+
+def test_plan_says_when_a_scheme_s_groups_do_not_fit_instead_of_too_large():
+    """SmolLM2's 576-wide o_proj is no whole number of groups of 128: no GPU count helps, and plan.py says why."""
+    lines = plan.report("SmolLM2-135M", plan.load_config("SmolLM2-135M"), plan.GPU_MEMORY_GB)
+    w4a16 = next(line for line in lines if line.strip().startswith("W4A16"))
+    assert "does not fit the scheme" in w4a16 and "groups of 128" in w4a16 and "too large" not in w4a16
+    assert "GPUs needed" in next(line for line in lines if line.strip().startswith("bf16"))
 
 
 def test_hpc_requirements_use_the_lessons_pins():

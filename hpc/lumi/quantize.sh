@@ -3,7 +3,7 @@
 # counts as one GPU with 64 GB -- then reload it and measure it against the original.
 #
 #     sbatch hpc/lumi/quantize.sh                                  # from the lesson's folder
-#     sbatch --export=ALL,MODEL=HuggingFaceTB/SmolLM2-135M,METHOD=awq hpc/lumi/quantize.sh
+#     sbatch --export=ALL,MODEL=Qwen/Qwen2.5-0.5B,METHOD=awq hpc/lumi/quantize.sh  # widths divide by 128
 #
 # Before the first run: put your project in --account (project_462000000 is a placeholder)
 # and make the venv once with hpc/lumi/setup-venv.sh. For a quick test use --partition=dev-g.

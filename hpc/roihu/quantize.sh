@@ -3,7 +3,7 @@
 # then reload it and measure it against the original.
 #
 #     sbatch hpc/roihu/quantize.sh                                 # from the lesson's folder
-#     sbatch --export=ALL,MODEL=HuggingFaceTB/SmolLM2-135M,METHOD=awq hpc/roihu/quantize.sh
+#     sbatch --export=ALL,MODEL=Qwen/Qwen2.5-0.5B,METHOD=awq hpc/roihu/quantize.sh  # widths divide by 128
 #
 # Before the first run: put your project in --account (project_2001234 is a placeholder) and
 # make the venv once with hpc/roihu/setup-venv.sh. For a quick test use --partition=gputest.
