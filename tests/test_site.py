@@ -131,3 +131,11 @@ def test_every_page_shows_its_tagged_results(site):
         html = (site / "content" / page.with_suffix(".html").name).read_text()
         assert "(missing output" not in html, page.name
     assert used >= 20  # the episodes show their proofs, sweeps and verdicts
+
+
+def test_the_api_page_has_a_section_for_every_module_of_the_package():
+    """The API page says it lists every module: a new module without a section there fails here."""
+    sections = set(re.findall(r"^## (\S+)", (ROOT / "content" / "api.md").read_text(), flags=re.M))
+    package = ROOT / "src" / "quantlesson"
+    modules = {p.stem for p in package.glob("*.py")} | {f"scratch.{p.stem}" for p in (package / "scratch").glob("*.py")}
+    assert modules - {"__init__", "scratch.__init__"} - sections == set()
