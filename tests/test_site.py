@@ -139,3 +139,11 @@ def test_the_api_page_has_a_section_for_every_module_of_the_package():
     package = ROOT / "src" / "quantlesson"
     modules = {p.stem for p in package.glob("*.py")} | {f"scratch.{p.stem}" for p in (package / "scratch").glob("*.py")}
     assert modules - {"__init__", "scratch.__init__"} - sections == set()
+
+
+def test_the_api_page_renders_every_autodoc_entry(site):
+    """Autodoc writes reStructuredText: in a MyST ```{autofunction}``` fence it showed as raw '.. py:function::' text."""
+    page = (site / "content" / "api.html").read_text()
+    entries = len(re.findall(r"^\.\. auto(?:function|class)::", (ROOT / "content" / "api.md").read_text(), flags=re.M))
+    assert entries > 200 and ".. py:function::" not in page and ".. py:class::" not in page
+    assert len(re.findall(r'<dl class="py (?:function|class)">', page)) == entries
