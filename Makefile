@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SPHINXOPTS ?= -W --keep-going
-# The site is built on the embedded model unless you choose another (e.g. LESSON_MODEL=facebook/opt-125m).
+# The site is built on the embedded model unless you choose another (e.g. LESSON_MODEL=HuggingFaceTB/SmolLM2-135M).
 export LESSON_MODEL ?= embedded
+# llm-compressor's logger (loguru) writes INFO and WARNING lines to stdout, where they would land in the pages'
+# embedded outputs (stderr is left out of the pages): the build keeps its errors only. In a notebook you see them all.
+export LLM_COMPRESSOR_LOG_LEVEL ?= ERROR
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 # llama-cpp-python builds llama.cpp from source: with its command-line tools (llama-quantize, llama-imatrix, ...).
