@@ -7,6 +7,7 @@ When this test fails after a change, run the notebooks again on a GPU (tools/gpu
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,20 @@ def test_a_kernel_build_clears_a_stale_lock_or_skips_a_finished_build(tmp_path, 
     else:  # no compiler runs: a stale lock goes, and the package's build starts and ends
         calls = (tmp_path / "calls").read_text()
         assert calls.startswith(f"stub build import {package}, {package}.ext") and f"{package} build exit 0" in log.read_text()
+
+
+@pytest.mark.parametrize("script", ["gpu_exl2_twin.py", "gpu_exl3_twin.py", "gpu_exl3_probe.py"])
+def test_a_gpu_maintainer_script_refuses_a_machine_without_a_gpu_and_writes_nothing(tmp_path, script):
+    """These scripts run only on the GPU machine; here they must at least import, say why they stop, and leave no table."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run for real")
+    out = tmp_path / "table.csv"
+    result = subprocess.run([sys.executable, f"tools/{script}", str(out), "Llama-3.1-8B", "2"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "LESSON_MODEL": "embedded"})  # fmt: skip
+    assert result.returncode == 1 and "needs an NVIDIA GPU" in result.stdout + result.stderr
+    assert not out.exists()
