@@ -8,6 +8,7 @@ When this test fails after a change, run the notebooks again on a GPU (tools/gpu
 import importlib.util
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,40 @@ def test_a_gpu_maintainer_script_refuses_a_machine_without_a_gpu_and_writes_noth
                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "LESSON_MODEL": "embedded"})  # fmt: skip
     assert result.returncode == 1 and "needs an NVIDIA GPU" in result.stdout + result.stderr
     assert not out.exists()
+
+
+def _run_gpu_functions(tmp_path, body: str, python3: str, **env) -> subprocess.CompletedProcess:
+    """Run functions of tools/gpu_run.sh under ``set -euo pipefail`` with a stub ``python3`` (its shell script body)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text("#!/bin/sh\n" + python3)
+    (bin_dir / "python3").chmod(0o755)
+    functions = "\n".join(_gpu_run_function(name) for name in ("stamp", "ext_build", "save_kernels", "restore_kernels"))
+    return subprocess.run(["bash", "-c", f"set -euo pipefail\n{functions}\n{body}\nwait\n"], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env})  # fmt: skip
+
+
+def test_built_kernels_go_back_compressed_and_a_later_machine_loads_them_instead_of_building(tmp_path):
+    """save_kernels brings ExLlamaV3's JIT build back; restore_kernels puts it where `import exllamav3_ext` finds it."""
+    built = tmp_path / "ext" / "exllamav3_ext"
+    built.mkdir(parents=True)
+    (built / "exllamav3_ext.so").write_bytes(b"\x7fELF kernels" * 100)
+    out, site = tmp_path / "out", tmp_path / "site"
+    site.mkdir()
+    _run_gpu_functions(tmp_path, f"save_kernels {out}", "echo 'python 3.12 | torch 2.11'", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    assert sorted(p.name for p in (out / "kernels").iterdir()) == ["ABI.txt", "exllamav3_ext.so.xz"]  # ExLlamaV2 was not built
+    bundle = importlib.util.spec_from_file_location("gpu_bundle", Path(__file__).resolve().parent.parent / "tools" / "gpu_bundle.py")
+    gpu_bundle = importlib.util.module_from_spec(bundle)
+    bundle.loader.exec_module(gpu_bundle)
+    kept = gpu_bundle.keep_kernels(out / "kernels", tmp_path / "gpu" / "kernels")
+    log = tmp_path / "exl3-build.log"
+    result = _run_gpu_functions(tmp_path, f"restore_kernels {tmp_path / 'none'} {kept}\next_build exllamav3 {log}",
+                                f"echo imported >> {tmp_path}/calls", SITE=str(site), TORCH_EXTENSIONS_DIR=str(tmp_path / "new"))  # fmt: skip
+    assert (site / "exllamav3_ext.so").read_bytes() == (built / "exllamav3_ext.so").read_bytes()
+    assert "restored" in result.stdout and "prebuilt" in log.read_text()
+    assert (tmp_path / "calls").read_text() == "imported\n"  # the import check only: no build started
+    # a module that does not import beside this machine's torch is removed, and the package builds as usual
+    result = _run_gpu_functions(tmp_path, f"restore_kernels {kept}", "exit 1", SITE=str(site))
+    assert not (site / "exllamav3_ext.so").exists() and "will be built" in result.stdout
+    with pytest.raises(SystemExit, match="No \\*_ext.so.xz"):
+        gpu_bundle.keep_kernels(tmp_path / "site")

