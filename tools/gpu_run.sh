@@ -66,6 +66,7 @@ save_kernels() {  # save_kernels OUT: the kernels built on this machine, xz-comp
   # Both packages import a module named <package>_ext before they compile one (exllamav2/ext.py, exllamav3/ext.py):
   # restored into $SITE by restore_kernels on the next machine, it saves their builds (about 4 and 2 minutes).
   local out=$1/kernels package so
+  command -v xz > /dev/null || { stamp "no xz here: kernels not saved"; return; }
   for package in exllamav2 exllamav3; do
     so="$TORCH_EXTENSIONS_DIR/${package}_ext/${package}_ext.so"
     [ -f "$so" ] || continue
@@ -76,6 +77,7 @@ save_kernels() {  # save_kernels OUT: the kernels built on this machine, xz-comp
 restore_kernels() {  # restore_kernels DIR...: prebuilt <package>_ext.so.xz from the first DIR that has them, into $SITE,
   # kept only where the module imports beside this machine's torch (a different torch would fail with undefined symbols)
   local dir file name
+  command -v xz > /dev/null || { stamp "no xz here: prebuilt kernels not restored"; return; }
   for dir in "$@"; do
     ls "$dir"/*_ext.so.xz > /dev/null 2>&1 || continue
     for file in "$dir"/*_ext.so.xz; do
