@@ -105,30 +105,34 @@ def _gpu_run_function(name: str) -> str:
     return match.group(0)
 
 
+def _run_gpu_functions(tmp_path, body: str, python3: str, **env) -> subprocess.CompletedProcess:
+    """Run functions of tools/gpu_run.sh under ``set -euo pipefail`` with a stub ``python3`` (its shell script body)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text("#!/bin/sh\n" + python3)
+    (bin_dir / "python3").chmod(0o755)
+    functions = "\n".join(_gpu_run_function(name) for name in ("stamp", "ext_build", "save_kernels", "restore_kernels"))
+    return subprocess.run(["bash", "-c", f"set -euo pipefail\n{functions}\n{body}\nwait\n"], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env})  # fmt: skip
+
+
 @pytest.mark.parametrize("package", ["exllamav2", "exllamav3"])
 @pytest.mark.parametrize("built, locked", [(False, True), (True, True), (False, False)])
 def test_a_kernel_build_clears_a_stale_lock_or_skips_a_finished_build(tmp_path, package, built, locked):
     """A build killed at a call's time limit left torch's lock behind, and later imports waited on it for ever."""
-    import os
     import shutil
-    import subprocess
 
     if shutil.which("pgrep") is None:
         pytest.skip("pgrep (procps) is not installed here; the GPU machine has it")
-    extensions, bin_dir, folder = tmp_path / "ext", tmp_path / "bin", tmp_path / "ext" / f"{package}_ext"
+    folder = tmp_path / "ext" / f"{package}_ext"
     folder.mkdir(parents=True)
     if locked:
         (folder / "lock").touch()
     if built:
         (folder / f"{package}_ext.so").touch()
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f"#!/bin/sh\necho stub build \"$2\" >> {tmp_path}/calls\n")  # stands in for the compile
-    (bin_dir / "python3").chmod(0o755)
     log = tmp_path / "build.log"
-    script = ("set -euo pipefail\n" + _gpu_run_function("stamp") + "\n" + _gpu_run_function("ext_build")
-              + f"\next_build {package} {log}\nwait\n")  # fmt: skip
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCH_EXTENSIONS_DIR": str(extensions)}
-    subprocess.run(["bash", "-c", script], env=env, check=True, capture_output=True, text=True)
+    _run_gpu_functions(tmp_path, f"ext_build {package} {log}", f'echo stub build "$2" >> {tmp_path}/calls\n',  # stands in for the compile
+                       TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))  # fmt: skip
     assert (folder / "lock").exists() == (locked and built)  # a finished build's folder is left alone
     if built:  # nothing to build: nothing compiles, and the log says it ended
         assert not (tmp_path / "calls").exists() and f"{package} build exit 0" in log.read_text()
@@ -152,17 +156,6 @@ def test_a_gpu_maintainer_script_refuses_a_machine_without_a_gpu_and_writes_noth
                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "LESSON_MODEL": "embedded"})  # fmt: skip
     assert result.returncode == 1 and "needs an NVIDIA GPU" in result.stdout + result.stderr
     assert not out.exists()
-
-
-def _run_gpu_functions(tmp_path, body: str, python3: str, **env) -> subprocess.CompletedProcess:
-    """Run functions of tools/gpu_run.sh under ``set -euo pipefail`` with a stub ``python3`` (its shell script body)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "python3").write_text("#!/bin/sh\n" + python3)
-    (bin_dir / "python3").chmod(0o755)
-    functions = "\n".join(_gpu_run_function(name) for name in ("stamp", "ext_build", "save_kernels", "restore_kernels"))
-    return subprocess.run(["bash", "-c", f"set -euo pipefail\n{functions}\n{body}\nwait\n"], capture_output=True, text=True,
-                          check=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env})  # fmt: skip
 
 
 def test_built_kernels_go_back_compressed_and_a_later_machine_loads_them_instead_of_building(tmp_path):

@@ -144,11 +144,9 @@ def keep_kernels(source: Path, target: Path = GPU / "kernels") -> Path:
 def main() -> None:
     from quantlesson import embedded
 
-    kept = None  # prebuilt kernels survive a refill
-    if (GPU / "kernels").is_dir():
-        kept = Path(tempfile.mkdtemp()) / "kernels"
-        shutil.copytree(GPU / "kernels", kept)
-    shutil.rmtree(GPU, ignore_errors=True)
+    for part in GPU.glob("*"):  # a refill starts afresh, but keeps the prebuilt kernels (.gpu/kernels)
+        if part.name != "kernels":
+            shutil.rmtree(part) if part.is_dir() else part.unlink()
     download(WHEELS, GPU / "w", binary=True)
     download(SOURCES, GPU / "w", binary=False)
     download(["bitsandbytes"], GPU / "bnb", binary=True)
@@ -159,8 +157,6 @@ def main() -> None:
     trimmed_llama_source(GPU)
     shutil.copytree(embedded.ensure_built(), GPU / "model")
     split_smollm2(GPU)
-    if kept is not None:
-        keep_kernels(kept)
     for part in sorted(GPU.iterdir()):
         size = sum(p.stat().st_size for p in part.rglob("*")) if part.is_dir() else part.stat().st_size
         print(f"{part.relative_to(ROOT)}: {size / 2**20:.1f} MiB")
