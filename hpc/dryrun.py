@@ -93,7 +93,7 @@ SYSTEMS = {
     "roihu": System(
         name="Roihu", account=r"project_\d{7}", placeholder="project_2001234",
         gpu_option="gres", gres_type="gh200",
-        gpus_per_node=4, cpus_per_gpu=72, memory_per_gpu=217 * GIB,  # per reserved GPU
+        gpus_per_node=4, cpus_per_gpu=72, memory_per_gpu=217 * GIB,  # per GPU: 95 GiB HBM3 + 122 GiB LPDDR5
         partitions={
             "gputest": Partition(15 * MINUTE, 2),
             "gpumedium": Partition(36 * HOUR, 4, max_gpus_per_job=4),
