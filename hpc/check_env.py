@@ -29,13 +29,13 @@ AMD_FP8 = ("gfx94", "gfx95")  # MI300 series (gfx942) and MI350 series (gfx950)
 def gpu_notes(capability: tuple[int, int] | None = None, arch: str | None = None) -> list[str]:
     """What a GPU of this NVIDIA compute capability, or this AMD architecture (``gfx90a``), can run."""
     if arch is not None:
-        notes = ["ROCm: bfloat16 yes; CUDA-only kernels (Marlin, ExLlamaV3) no"]
+        notes = ["ROCm: bfloat16 yes; Marlin (CUDA only) no; ExLlamaV3 no on data-centre GPUs (it builds for RDNA only)"]
         notes.append("FP8 matmul yes" if arch.startswith(AMD_FP8) else "FP8 matmul no (needs MI300 or newer)")
         return notes
     if capability is None:
         return []
     notes = ["bfloat16 yes" if capability >= (8, 0) else "bfloat16 not native: load models in float16"]
-    notes.append("Marlin kernels yes" if capability >= (8, 0) else "Marlin kernels no (need compute capability 8.0)")
+    notes.append("Marlin kernels yes" if capability >= (7, 5) else "Marlin kernels no (need compute capability 7.5; 8.0 in older vLLM)")
     notes.append("FP8 matmul yes" if capability >= (8, 9) else "FP8 matmul no (needs compute capability 8.9)")
     return notes
 

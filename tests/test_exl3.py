@@ -1,6 +1,8 @@
 """quantlesson.exl3 on a CPU: what it says where ExLlamaV3 cannot run, and the files it hands the converter."""
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -15,10 +17,57 @@ def test_without_a_gpu_it_says_so(monkeypatch, capsys):
     assert "ExLlamaV3" in capsys.readouterr().out
 
 
-def test_on_a_t4_it_names_the_capability_it_needs(fake_t4, capsys):
+def test_on_a_t4_it_says_the_lesson_has_not_run_it_there_and_how_to_try(fake_t4, capsys):
     assert exl3.available() is False
     message = capsys.readouterr().out
-    assert "8.0" in message and "Tesla T4" in message and "7.5" in message
+    assert "Tesla T4" in message and "7.5" in message and "untested=True" in message
+
+
+def test_on_a_t4_untested_goes_on_to_the_import(fake_t4, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "exllamav3", None)  # not installed: the import is the next step
+    assert exl3.available(untested=True) is False
+    message = capsys.readouterr().out
+    assert "fallback" in message and "not installed" in message
+
+
+def test_on_a_v100_it_names_the_capability_it_needs(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
+    assert exl3.available(untested=True) is False
+    message = capsys.readouterr().out
+    assert "7.5" in message and "7.0" in message and "GGUF" in message
+
+
+def _fake_amd(monkeypatch, name: str, arch: str, warp: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    properties = types.SimpleNamespace(name=name, gcnArchName=arch, warp_size=warp)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: properties)
+
+
+def test_on_lumis_mi250x_it_says_exllamav3_runs_only_rdna(monkeypatch, capsys):
+    _fake_amd(monkeypatch, "AMD Instinct MI250X", "gfx90a:sramecc+:xnack-", 64)
+    assert exl3.available(untested=True) is False
+    message = capsys.readouterr().out
+    assert "RDNA" in message and "gfx90a" in message and "64-wide" in message and "xnack" not in message
+
+
+def test_on_an_rdna_gpu_it_asks_for_untested(monkeypatch, capsys):
+    _fake_amd(monkeypatch, "AMD Radeon RX 7900 XTX", "gfx1100", 32)
+    assert exl3.available() is False
+    assert "untested=True" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "exllamav3", None)
+    assert exl3.available(untested=True) is False
+    assert "not installed" in capsys.readouterr().out
+
+
+def test_on_ampere_and_newer_there_is_no_note(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert exl3.gpu_support() == (True, "")
 
 
 @pytest.mark.parametrize("bits, head_bits", [(0.5, 6), (8.5, 6), (4.0, 0), (4.0, 9), (4.0, 12)])

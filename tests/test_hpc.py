@@ -252,6 +252,8 @@ def test_check_env_on_a_cpu(monkeypatch):
     assert check_env.main(["--require-gpu"]) == 0
     assert check_env.gpu_notes((7, 0))[0].startswith("bfloat16 not native")
     assert check_env.gpu_notes((8, 0))[1] == "Marlin kernels yes" and check_env.gpu_notes((8, 0))[2].startswith("FP8 matmul no")
+    assert check_env.gpu_notes((7, 5))[1] == "Marlin kernels yes" and check_env.gpu_notes((7, 0))[1].startswith("Marlin kernels no")
+    assert "ExLlamaV3 no" in check_env.gpu_notes(arch="gfx90a")[0]
     assert check_env.gpu_notes((9, 0))[2] == "FP8 matmul yes"
     assert check_env.gpu_notes(arch="gfx90a")[1].startswith("FP8 matmul no")
     assert check_env.gpu_notes(arch="gfx942")[1] == "FP8 matmul yes"

@@ -1,9 +1,13 @@
 """ExLlamaV3 from the lesson: convert a model to EXL3, run it, and measure it like every other variant.
 
-ExLlamaV3 needs an NVIDIA GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell: no T4,
-no ROCm). The PyPI wheel carries no compiled kernels: its CUDA extension compiles at the first import
-(about five minutes on the lesson's H200 machine). :func:`available` says whether it can run here, with a
-message that says what to do when not. The trellis idea under EXL3 is taught from scratch in
+Where ExLlamaV3 1.6.5 runs, read from its source: NVIDIA GPUs of compute capability 7.5 (Turing) or newer,
+Turing through slower fallbacks (``exllamav3_ext/arch.cuh``), not Volta; on AMD only RDNA GPUs, which run
+32-wide wavefronts; data-centre CDNA parts (LUMI's MI250X, MI300) run 64-wide and are refused
+(``util/arch_list.py``). The lesson has run it on an H200 only, so :func:`available` runs it from compute
+capability 8.0 (Ampere) up and asks for ``untested=True`` on Turing and RDNA. The PyPI wheel carries no
+compiled kernels: its extension compiles at the first import (about five minutes on the lesson's H200
+machine, longer on a small one). :func:`available` says whether it can run here, with a message that says
+what to do when not. The trellis idea under EXL3 is taught from scratch in
 :mod:`quantlesson.scratch.trellis`.
 """
 
@@ -26,16 +30,51 @@ from quantlesson.models import no_gpu_message
 VERSION = "1.6.5"
 
 
-def available() -> bool:
-    """True if ExLlamaV3 can run here; otherwise print why not (no GPU, too old a GPU, not installed) and return False."""
+OTHER_FORMATS = "use GGUF (llama.cpp), bitsandbytes or GPTQ instead (see 'Which method when')"
+
+
+def gpu_support() -> tuple[bool, str]:
+    """Whether ExLlamaV3 runs on this GPU, and in which standing: (False, why not), (False, untested here), (True, "").
+
+    Assumes a GPU is visible. ROCm builds of torch report an AMD GPU through ``torch.cuda``.
+    """
+    name = torch.cuda.get_device_name()
+    if torch.version.hip:  # AMD: ExLlamaV3 builds for 32-wide wavefronts (RDNA) only
+        properties = torch.cuda.get_device_properties(0)
+        arch, warp = properties.gcnArchName.split(":")[0], getattr(properties, "warp_size", 32)
+        if warp != 32:
+            return False, (f"ExLlamaV3 {VERSION} runs on AMD GPUs of 32-wide wavefronts (RDNA) only; {name} ({arch}) "
+                           f"runs {warp}-wide, as LUMI's MI250X does. On this GPU {OTHER_FORMATS}.")  # fmt: skip
+        return True, f"ExLlamaV3 {VERSION} builds for AMD RDNA GPUs such as {name} ({arch}); this lesson has not run it there."
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (7, 5):
+        return False, (f"ExLlamaV3 {VERSION} needs compute capability 7.5 (Turing) or newer; {name} has {major}.{minor}. "
+                       f"On this GPU {OTHER_FORMATS}.")  # fmt: skip
+    if major < 8:
+        return True, (f"ExLlamaV3 {VERSION} runs Turing GPUs such as {name} ({major}.{minor}) through slower fallback "
+                      "kernels, which this lesson has not run (its EXL3 rows come from an H200).")  # fmt: skip
+    return True, ""
+
+
+def available(untested: bool = False) -> bool:
+    """True if ExLlamaV3 can run here; otherwise print why not (no GPU, too old a GPU, not installed) and return False.
+
+    ``untested=True`` also runs it where ExLlamaV3 supports the GPU but this lesson has not run it (Turing,
+    such as Colab's T4, and AMD RDNA); without it those GPUs get a message that says how to try.
+    """
     if not torch.cuda.is_available():
         print(no_gpu_message("ExLlamaV3"))
         return False
-    major, minor = torch.cuda.get_device_capability()
-    if major < 8:
-        print(f"ExLlamaV3 needs compute capability 8.0 or newer (Ampere); {torch.cuda.get_device_name()} has {major}.{minor}. "
-              "On this GPU use GGUF (llama.cpp), bitsandbytes or GPTQ instead (see 'Which method when').")  # fmt: skip
+    supported, note = gpu_support()
+    if not supported:
+        print(note)
         return False
+    if note and not untested:
+        print(f"{note} To try it, call exl3.available(untested=True); its kernels then compile at the first import "
+              "(about five minutes on the lesson's 16-core H200 machine, longer with fewer cores).")  # fmt: skip
+        return False
+    if note:
+        print(note)
     try:
         import exllamav3  # noqa: F401  (compiles its CUDA extension the first time)
     except ImportError as error:
