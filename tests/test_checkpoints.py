@@ -210,7 +210,7 @@ def test_a_gguf_without_file_type_and_a_broken_one(tmp_path):
         ("TheBloke/Llama-2-7B-AWQ", "AWQ", None, False),
         ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "bitsandbytes NF4", 4, False),
         ("bartowski/Llama-3.2-1B-Instruct-GGUF", "GGUF", None, False),
-        ("RedHatAI/Llama-3.1-8B-Instruct-FP8-dynamic", "FP8", 8, True),
+        ("RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8-dynamic", "FP8", 8, True),
         ("RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w4a16", "compressed-tensors W4A16", 4, False),
         ("RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w8a8", "compressed-tensors W8A8", 8, True),
         ("nvidia/Llama-3.3-70B-Instruct-NVFP4", "NVFP4", 4, True),
