@@ -1,5 +1,6 @@
 #!/bin/bash
-# LUMI: quantize a LARGE model with GPTQ on a whole LUMI-G node (8 GCDs of 64 GB, 512 GB of CPU memory).
+# LUMI: quantize a LARGE model with GPTQ on a whole LUMI-G node (8 GCDs of 64 GB, 512 GiB of CPU memory,
+# of which the job asks for 480G as the LUMI AI guide does).
 # llm-compressor keeps the unquantized model in CPU memory and onloads one decoder layer at a
 # time to a GPU ("sequential onloading"), so even one GCD could do it; with torchrun, 8 processes
 # (one per GCD) share the calibration samples and the layers' GPTQ work.
@@ -17,6 +18,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=56
 #SBATCH --gpus-per-node=8
+#SBATCH --mem=480G
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 

@@ -7,6 +7,9 @@
 # Where things go (override with LESSON_VENV, LESSON_WORK, LESSON_SIF):
 #   venv         /project/<project>/$USER/venvs/quant-lesson   (persistent, 50 GB per project)
 #   pip's cache  /scratch/<project>/$USER/quant-lesson/pip-cache (your home holds only 20 GB)
+#   container    lumi-multitorch-latest.sif follows the newest release; a venv belongs to the image it was
+#                made in, so for one you keep set LESSON_SIF to a dated release's image (a folder in
+#                /appl/local/laifs/containers/) and use the same LESSON_SIF in the batch scripts
 # Docs: https://docs.lumi-supercomputer.eu/laif/software/ai-environment/
 set -euo pipefail
 

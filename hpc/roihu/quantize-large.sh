@@ -1,6 +1,6 @@
 #!/bin/bash
-# Roihu: quantize a LARGE model with GPTQ on a whole GPU node (4 GH200: 4 x 96 GB of GPU memory,
-# 4 x 120 GB of CPU memory). llm-compressor keeps the unquantized model in CPU memory and onloads
+# Roihu: quantize a LARGE model with GPTQ on a whole GPU node (4 GH200: 4 x 96 GiB of GPU memory,
+# 4 x 120 GiB of CPU memory). llm-compressor keeps the unquantized model in CPU memory and onloads
 # one decoder layer at a time to a GPU ("sequential onloading"), so even one GPU could do it;
 # with torchrun, 4 processes (one per GPU) share the calibration samples and the GPTQ work.
 #
