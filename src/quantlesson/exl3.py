@@ -5,7 +5,7 @@ Turing through slower fallbacks (``exllamav3_ext/arch.cuh``), not Volta; on AMD 
 32-wide wavefronts; data-centre CDNA parts (LUMI's MI250X, MI300) run 64-wide and are refused
 (``util/arch_list.py``). The lesson has run it on an H200 only, so :func:`available` runs it from compute
 capability 8.0 (Ampere) up and asks for ``untested=True`` on Turing and RDNA. The PyPI wheel carries no
-compiled kernels: its extension compiles at the first import (about five minutes on the lesson's H200
+compiled kernels: its extension compiles at the first import (about four minutes on the lesson's H200
 machine, longer on a small one). :func:`available` says whether it can run here, with a message that says
 what to do when not. The trellis idea under EXL3 is taught from scratch in
 :mod:`quantlesson.scratch.trellis`.
@@ -71,7 +71,7 @@ def available(untested: bool = False) -> bool:
         return False
     if note and not untested:
         print(f"{note} To try it, call exl3.available(untested=True); its kernels then compile at the first import "
-              "(about five minutes on the lesson's 16-core H200 machine, longer with fewer cores).")  # fmt: skip
+              "(about four minutes on the lesson's 16-core H200 machine, longer with fewer cores).")  # fmt: skip
         return False
     if note:
         print(note)
