@@ -21,6 +21,8 @@ def test_on_a_t4_it_says_the_lesson_has_not_run_it_there_and_how_to_try(fake_t4,
     assert exl3.available() is False
     message = capsys.readouterr().out
     assert "Tesla T4" in message and "7.5" in message and "untested=True" in message
+    supported, note = exl3.gpu_support()
+    assert supported and "fallback" in note
 
 
 def test_on_a_t4_untested_goes_on_to_the_import(fake_t4, monkeypatch, capsys):

@@ -34,7 +34,8 @@ OTHER_FORMATS = "use GGUF (llama.cpp), bitsandbytes or GPTQ instead (see 'Which 
 
 
 def gpu_support() -> tuple[bool, str]:
-    """Whether ExLlamaV3 runs on this GPU, and in which standing: (False, why not), (False, untested here), (True, "").
+    """Whether ExLlamaV3 runs on this GPU: ``(False, why not)``, ``(True, note)`` where it runs but this lesson has
+    not run it (Turing, AMD RDNA), or ``(True, "")`` from compute capability 8.0 up.
 
     Assumes a GPU is visible. ROCm builds of torch report an AMD GPU through ``torch.cuda``.
     """
